@@ -1,0 +1,58 @@
+# Finds vattn's dependencies (Debian packages: libabsl-dev, libfmt-dev,
+# libgtest-dev, libbenchmark-dev; the CUDA toolkit is optional).
+include(GNUInstallDirs)
+set(THREADS_PREFER_PTHREAD_FLAG ON)
+find_package(Threads REQUIRED)
+find_package(absl REQUIRED CONFIG)
+
+if(VATTN_STATIC_DEPS)
+  # Debian's Abseil config points its targets at the shared libraries; the
+  # static archives sit beside them. Point every imported absl:: target at its
+  # archive so the GPU bundle carries no Abseil .so.
+  get_property(_vattn_absl_targets DIRECTORY "${absl_DIR}" PROPERTY IMPORTED_TARGETS)
+  if(NOT _vattn_absl_targets)
+    file(STRINGS "${absl_DIR}/abslTargets.cmake" _lines REGEX "^add_library\\(absl::")
+    foreach(_line IN LISTS _lines)
+      string(REGEX MATCH "absl::[A-Za-z0-9_]+" _t "${_line}")
+      list(APPEND _vattn_absl_targets ${_t})
+    endforeach()
+  endif()
+  foreach(_t IN LISTS _vattn_absl_targets)
+    if(TARGET ${_t})
+      get_target_property(_type ${_t} TYPE)
+      if(_type STREQUAL "SHARED_LIBRARY")
+        get_target_property(_loc ${_t} IMPORTED_LOCATION_NONE)
+        if(_loc)
+          string(REGEX REPLACE "\\.so(\\.[0-9.]+)?$" ".a" _archive "${_loc}")
+          if(EXISTS "${_archive}")
+            set_target_properties(${_t} PROPERTIES
+              IMPORTED_LOCATION_NONE "${_archive}"
+              IMPORTED_SONAME_NONE "")
+          endif()
+        endif()
+      endif()
+    endif()
+  endforeach()
+endif()
+
+set(VATTN_HAVE_CUDA_HEADERS OFF)
+if(NOT VATTN_WITH_CUDA STREQUAL "OFF")
+  if(VATTN_WITH_CUDA STREQUAL "ON")
+    find_package(CUDAToolkit REQUIRED)
+  else()
+    find_package(CUDAToolkit QUIET)
+  endif()
+  if(CUDAToolkit_FOUND AND EXISTS "${CUDAToolkit_INCLUDE_DIRS}/cuda.h")
+    set(VATTN_HAVE_CUDA_HEADERS ON)
+    message(STATUS "vattn: CUDA backend enabled (headers: ${CUDAToolkit_INCLUDE_DIRS})")
+  elseif(VATTN_WITH_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "VATTN_WITH_CUDA=ON but cuda.h was not found")
+  else()
+    message(STATUS "vattn: CUDA toolkit not found; the CUDA backend reports Unavailable")
+  endif()
+endif()
+
+if(VATTN_SANITIZE)
+  add_compile_options(-fsanitize=${VATTN_SANITIZE} -fno-omit-frame-pointer)
+  add_link_options(-fsanitize=${VATTN_SANITIZE})
+endif()
