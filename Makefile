@@ -1,0 +1,77 @@
+# vattn: a thin Makefile over CMake. A new user needs two commands:
+#
+#   make demo   install what is missing, build, run the main example
+#   make test   install what is missing, build, run the whole test suite:
+#               ctest in a warnings-as-errors build, then the cpu-labelled
+#               tests again under ThreadSanitizer (clang++)
+#
+# Knobs (make VAR=value ...):
+#   BUILD_DIR, TSAN_BUILD_DIR  build directories (build, build-tsan)
+#   JOBS                       parallel compile and test jobs (nproc)
+#   DEMO, DEMO_ARGS            the program `make demo` builds and runs
+#   PREFIX                     where `make install` puts vattn
+
+BUILD_DIR      ?= build
+TSAN_BUILD_DIR ?= build-tsan
+BUILD_TYPE     ?= RelWithDebInfo
+GENERATOR      ?= Ninja
+JOBS           ?= $(shell nproc 2>/dev/null || echo 2)
+CMAKE          ?= cmake
+CTEST          ?= ctest
+PREFIX         ?= /usr/local
+
+# The main job: an example target (examples/<name>.cc) and its arguments.
+DEMO      ?= reserve_demo
+DEMO_ARGS ?=
+
+# Main build: the default compiler, warnings as errors, everything built.
+CMAKE_FLAGS ?=
+MAIN_FLAGS = -G "$(GENERATOR)" -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) \
+             -DVATTN_WERROR=ON $(CMAKE_FLAGS)
+# ThreadSanitizer build: clang++, tests only.
+TSAN_FLAGS = -G "$(GENERATOR)" -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) \
+             -DCMAKE_CXX_COMPILER=clang++ -DVATTN_SANITIZE=thread \
+             -DVATTN_WERROR=ON -DVATTN_BUILD_TESTS=ON \
+             -DVATTN_BUILD_BENCHMARKS=OFF -DVATTN_BUILD_EXAMPLES=OFF \
+             $(CMAKE_FLAGS)
+TSAN_OPTIONS_RUN ?= halt_on_error=1 second_deadlock_stack=1
+# Clang 14's TSan cannot map its shadow memory when the kernel randomizes
+# mmap with more than 28 bits; run without ASLR there.
+TSAN_LAUNCH := $(shell [ "$$(cat /proc/sys/vm/mmap_rnd_bits 2>/dev/null || echo 28)" -gt 28 ] && echo "setarch $$(uname -m) -R")
+
+.PHONY: demo test setup configure build test-main configure-tsan test-tsan \
+        install clean
+
+demo: setup configure
+	$(CMAKE) --build $(BUILD_DIR) --target $(DEMO) -j $(JOBS)
+	./$(BUILD_DIR)/examples/$(DEMO) $(DEMO_ARGS)
+
+test: setup
+	$(MAKE) --no-print-directory test-main
+	$(MAKE) --no-print-directory test-tsan
+
+setup:
+	@bash scripts/setup.sh
+
+configure:
+	$(CMAKE) -S . -B $(BUILD_DIR) $(MAIN_FLAGS)
+
+build: configure
+	$(CMAKE) --build $(BUILD_DIR) -j $(JOBS)
+
+test-main: build
+	cd $(BUILD_DIR) && $(CTEST) --output-on-failure -j $(JOBS)
+
+configure-tsan:
+	$(CMAKE) -S . -B $(TSAN_BUILD_DIR) $(TSAN_FLAGS)
+
+test-tsan: configure-tsan
+	$(CMAKE) --build $(TSAN_BUILD_DIR) -j $(JOBS)
+	cd $(TSAN_BUILD_DIR) && TSAN_OPTIONS="$(TSAN_OPTIONS_RUN)" \
+	  $(TSAN_LAUNCH) $(CTEST) --output-on-failure -j $(JOBS) -L cpu
+
+install: build
+	$(CMAKE) --install $(BUILD_DIR) --prefix $(PREFIX)
+
+clean:
+	rm -rf $(BUILD_DIR) $(TSAN_BUILD_DIR)

@@ -1,0 +1,21 @@
+// Copyright 2026 The vattn Authors. Licensed under the Apache License 2.0.
+//
+// Umbrella header: everything in vattn's public API. Programs that use
+// vattn may include this one header instead of the individual ones:
+//
+//   #include "vattn/vattn.h"
+//
+// Each header it pulls in covers one concept:
+//   vattn/status.h   error codes and the VATTN_RETURN_IF_ERROR /
+//                    VATTN_ASSIGN_OR_RETURN macros
+//   vattn/export.h   the VATTN_EXPORT visibility macro
+//   vattn/backend.h  the backend layer (Host, CUDA, latency model, fault
+//                    injection) and its contract
+#ifndef VATTN_VATTN_H_
+#define VATTN_VATTN_H_
+
+#include "vattn/backend.h"
+#include "vattn/export.h"
+#include "vattn/status.h"
+
+#endif  // VATTN_VATTN_H_
