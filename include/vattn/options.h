@@ -1,0 +1,107 @@
+// Copyright 2026 The vattn Authors. Licensed under the Apache License 2.0.
+//
+// The shape and policy of a KV cache: a plain struct with inline defaults and
+// a Validate() that names the offending field.
+#ifndef VATTN_OPTIONS_H_
+#define VATTN_OPTIONS_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "vattn/export.h"
+
+namespace vattn {
+
+// Element type of the K and V tensors.
+enum class DType : int {
+  kFloat16 = 0,
+  kBFloat16,
+  kFloat32,
+  kFloat8E4M3,
+  kInt8,
+};
+// Bytes per element (0 for a value outside the enum).
+VATTN_EXPORT std::size_t DTypeSize(DType dtype);
+VATTN_EXPORT const char* DTypeName(DType dtype);
+
+// How the cache lays out K and V in virtual memory.
+enum class Layout : int {
+  // One buffer [slots][max_tokens][layers][2 (K,V)][kv_heads][head_dim]. A
+  // slot's KV for every layer is one contiguous range, so any growth is one
+  // mapping per extent. K(l) and V(l) are strided views (token stride =
+  // layers * 2 * kv_heads * head_dim elements).
+  kTokenMajor = 0,
+  // Per-layer packed K and V tensors [slots][max_tokens][kv_heads][head_dim]
+  // (vAttention's default). Each extent costs 2 * layers mappings.
+  kLayerMajor,
+};
+VATTN_EXPORT const char* LayoutName(Layout layout);
+
+struct KVCacheOptions {
+  // ---- Shape ----------------------------------------------------------
+  int num_layers = 32;
+  int num_kv_heads = 8;
+  int head_dim = 128;
+  DType dtype = DType::kFloat16;
+  // Concurrent requests. Each slot reserves max_tokens of virtual space
+  // (address space is nearly free; physical memory is mapped on demand).
+  int max_slots = 256;
+  // Longest request, in tokens (prompt plus output).
+  std::int64_t max_tokens = 8192;
+  Layout layout = Layout::kTokenMajor;
+
+  // ---- Physical memory ---------------------------------------------------
+  // Cap on physical bytes (mapped extents plus pooled handles). 0: the
+  // backend's physical memory. When a Grow would exceed it, idle slots'
+  // extents are taken back first (least recently freed first); only then
+  // does Grow return ResourceExhausted, leaving the slot unchanged.
+  std::size_t memory_budget_bytes = 0;
+
+  // ---- Extent policy -------------------------------------------------------
+  // A Grow that needs B more bytes per region maps ONE extent of at least B
+  // (so a prefill of P tokens is one extent). Decode growth uses extents that
+  // double with the slot's mapped size, from min_extent_bytes up to
+  // max_extent_bytes: fewer driver calls (the driver charges per handle, not
+  // per byte) against at most one extent of waste per request (per tensor in
+  // the layer-major layout). Under budget pressure an extent falls back to
+  // exactly what the Grow needs. Both are rounded to the granularity; 0
+  // means one granule.
+  std::size_t min_extent_bytes = 0;
+  std::size_t max_extent_bytes = std::size_t{32} << 20;
+
+  // ---- Handle pool -----------------------------------------------------------
+  // Handles created up front at Create (of prealloc_handle_bytes each, 0 = one
+  // granule), so the first requests need no cuMemCreate. They count against
+  // the budget.
+  int prealloc_handles = 0;
+  std::size_t prealloc_handle_bytes = 0;
+
+  // ---- Reclamation and isolation ---------------------------------------
+  // Keep a freed slot's extents mapped until memory is needed elsewhere, so
+  // the next request placed there starts with zero driver calls. false unmaps
+  // at Free (for comparison; handles still return to the pool).
+  bool defer_reclaim = true;
+  // Memory handed to a new request in a reused slot (or from a pooled handle)
+  // reads as zeros, so no request sees another's keys and values. Costs one
+  // memset of the reused bytes at AllocSlot and of every newly mapped extent.
+  bool zero_on_reuse = false;
+
+  // ---- Map-ahead (overlap) ---------------------------------------------------
+  // Tokens the background thread keeps mapped ahead of each active slot's
+  // length, and ahead of an AllocSlot hint. 0 turns the thread off: Step and
+  // Grow then map on the caller's thread.
+  std::int64_t map_ahead_tokens = 0;
+  // Handles of the decode extent size that the background thread keeps in the
+  // pool: it creates more when fewer than the low mark are idle, up to the
+  // high mark, so cuMemCreate stays off the caller's thread. Both 0: off.
+  int pool_low_water = 0;
+  int pool_high_water = 0;
+
+  // InvalidArgument naming the first bad field.
+  absl::Status Validate() const;
+};
+
+}  // namespace vattn
+
+#endif  // VATTN_OPTIONS_H_

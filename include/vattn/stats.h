@@ -1,0 +1,55 @@
+// Copyright 2026 The vattn Authors. Licensed under the Apache License 2.0.
+//
+// A snapshot of a KV cache's memory and driver activity.
+#ifndef VATTN_STATS_H_
+#define VATTN_STATS_H_
+
+#include <cstdint>
+#include <string>
+
+#include "vattn/export.h"
+
+namespace vattn {
+
+struct CacheStats {
+  // ---- Memory now (bytes) ----------------------------------------------
+  std::int64_t physical_bytes = 0;  // Live handles: mapped plus pooled.
+  std::int64_t pooled_bytes = 0;    // Live handles mapped nowhere.
+  std::int64_t mapped_bytes = 0;    // Mapped into slots (active and idle).
+  std::int64_t logical_bytes = 0;   // Active slots' lengths x bytes/token.
+  std::int64_t budget_bytes = 0;    // The physical cap in force.
+  std::int64_t peak_physical_bytes = 0;
+
+  // ---- Slots ---------------------------------------------------------------
+  std::int64_t active_slots = 0;
+  std::int64_t idle_slots_with_memory = 0;  // Freed, extents still mapped.
+
+  // ---- Driver calls made by this cache ---------------------------------
+  std::int64_t create_calls = 0;
+  std::int64_t destroy_calls = 0;
+  std::int64_t map_calls = 0;
+  std::int64_t unmap_calls = 0;
+
+  // ---- Policy outcomes -----------------------------------------------------
+  std::int64_t grow_calls = 0;
+  std::int64_t extents_mapped = 0;     // Extents added to slots.
+  std::int64_t reuse_hits = 0;         // AllocSlot found memory mapped.
+  std::int64_t reclaimed_bytes = 0;    // Taken back from idle slots.
+  std::int64_t reclaimed_extents = 0;
+  std::int64_t fence_waits = 0;        // Reclamation waited on GPU work.
+  std::int64_t zeroed_bytes = 0;       // zero_on_reuse work.
+
+  // ---- Step and map-ahead ----------------------------------------------------
+  std::int64_t step_calls = 0;
+  std::int64_t step_misses = 0;        // Slots Step had to map itself.
+  std::int64_t step_map_nanos = 0;     // Caller time spent mapping in Step.
+  std::int64_t background_extents = 0;  // Extents mapped by the thread.
+  std::int64_t background_creates = 0;  // Handles created by the thread.
+
+  // A few readable lines, for logs and examples.
+  VATTN_EXPORT std::string ToString() const;
+};
+
+}  // namespace vattn
+
+#endif  // VATTN_STATS_H_

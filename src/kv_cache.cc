@@ -1,0 +1,941 @@
+// Copyright 2026 The vattn Authors. Licensed under the Apache License 2.0.
+//
+// The KV cache: slots, extents, both layouts, deferred reclamation and the
+// map-ahead thread.
+//
+// Locking. One mutex (mu_) guards every slot and counter. Driver calls never
+// run under it: a thread that maps or unmaps a slot marks the slot busy,
+// drops the lock for the driver calls, then takes it back to commit. Others
+// that need a busy slot wait on state_cv_. A thread that holds a slot busy
+// never waits for another busy slot, so waiting cannot deadlock. Lock order:
+// KVCache::mu_ before PhysicalPool's lock (the pool never calls back).
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <limits>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/container/inlined_vector.h"
+#include "absl/strings/str_format.h"
+#include "src/internal/mutex.h"
+#include "src/physical_pool.h"
+#include "vattn/kv_cache.h"
+#include "vattn/status.h"
+
+namespace vattn {
+
+using internal::CondVar;
+using internal::Mutex;
+using internal::MutexLock;
+using internal::MutexUnlock;
+
+namespace {
+
+std::int64_t RoundUp(std::int64_t x, std::int64_t to) {
+  return (x + to - 1) / to * to;
+}
+
+std::int64_t FloorPowerOfTwo(std::int64_t x) {
+  std::int64_t p = 1;
+  while (p <= x / 2) p *= 2;
+  return p;
+}
+
+std::int64_t NowNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
+
+struct KVCache::Impl {
+  // One physical extent: the same byte range [offset, offset + bytes) of
+  // every region of a slot, one handle per region.
+  struct Extent {
+    std::int64_t offset = 0;
+    std::int64_t bytes = 0;
+    absl::InlinedVector<PhysicalHandle, 2> handles;
+  };
+
+  struct Slot {
+    bool active = false;
+    // A thread is mapping or unmapping this slot's extents without the lock.
+    bool busy = false;
+    std::int64_t length = 0;   // Logical tokens.
+    std::int64_t hint = 0;     // AllocSlot's expected_tokens.
+    std::int64_t mapped = 0;   // Bytes mapped per region (sum of extents).
+    std::vector<Extent> extents;
+    // Holds bytes written by an earlier request (for zero_on_reuse).
+    bool used = false;
+    std::uint64_t freed_seq = 0;  // Order of Free, for LRU reclamation.
+    // Fences of GPU work that may still read the slot's memory.
+    std::vector<FenceId> fences;
+  };
+
+  Impl(const KVCacheOptions& o, std::shared_ptr<Backend> b)
+      : opts(o), backend(std::move(b)) {}
+
+  // ---- Geometry (constant after Init) ----------------------------------
+  std::int64_t RegionAddress(int slot, int region) const {
+    return static_cast<std::int64_t>(base) +
+           (static_cast<std::int64_t>(region) * opts.max_slots + slot) *
+               region_stride;
+  }
+  // Bytes per region that back `tokens`.
+  std::int64_t BytesFor(std::int64_t tokens) const {
+    return std::min(region_stride, RoundUp(tokens * token_bytes, granularity));
+  }
+  std::int64_t BackedTokens(std::int64_t mapped_bytes) const {
+    return std::min<std::int64_t>(opts.max_tokens, mapped_bytes / token_bytes);
+  }
+  // Size of the next extent for a slot with `mapped` bytes that needs at
+  // least `deficit` more: one extent covering the deficit, and for decode
+  // growth an extent that doubles the slot, within [min_extent, max_extent].
+  std::int64_t ExtentSize(std::int64_t mapped, std::int64_t deficit) const {
+    std::int64_t growth = min_extent;
+    if (mapped > 0) {
+      growth = std::clamp(FloorPowerOfTwo(mapped), min_extent, max_extent);
+    }
+    const std::int64_t size =
+        std::max(RoundUp(deficit, granularity), growth);
+    return std::min(size, region_stride - mapped);
+  }
+
+  absl::Status Init();
+  void Shutdown();
+
+  // ---- Slot checks ------------------------------------------------------------
+  absl::Status CheckSlot(int slot) const {
+    if (slot < 0 || slot >= opts.max_slots) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "slot %d is out of range [0, %d)", slot, opts.max_slots));
+    }
+    return absl::OkStatus();
+  }
+  absl::Status CheckActiveLocked(int slot) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    VATTN_RETURN_IF_ERROR(CheckSlot(slot));
+    if (!slots[slot].active) {
+      return absl::FailedPreconditionError(
+          absl::StrFormat("slot %d is not active (never allocated or freed)",
+                          slot));
+    }
+    return absl::OkStatus();
+  }
+  absl::Status CheckTokens(std::int64_t tokens) const {
+    if (tokens < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("tokens must be >= 0, got %d", tokens));
+    }
+    if (tokens > opts.max_tokens) {
+      return absl::OutOfRangeError(absl::StrFormat(
+          "%d tokens exceed max_tokens %d", tokens, opts.max_tokens));
+    }
+    return absl::OkStatus();
+  }
+
+  // ---- Mapping ------------------------------------------------------------------
+  // Makes sure the slot backs `tokens`, mapping one extent on this thread if
+  // needed (waiting first if another thread is mapping the slot). Sets
+  // *mapped_here when this thread mapped. Drops mu around driver calls.
+  absl::Status EnsureBackedLocked(int slot, std::int64_t tokens,
+                                  bool* mapped_here)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Maps one extent of `preferred` bytes (or, under budget pressure, of
+  // `minimum`) at `offset` of every region of the slot. The slot is busy and
+  // mu is not held. On error nothing is left mapped or held.
+  absl::Status MapExtent(int slot, std::int64_t offset, std::int64_t preferred,
+                         std::int64_t minimum, Extent* extent)
+      ABSL_LOCKS_EXCLUDED(mu);
+  // Handles for one extent, reclaiming idle slots' memory when the budget is
+  // short. mu is not held.
+  absl::StatusOr<std::vector<PhysicalHandle>> AcquireHandles(
+      std::int64_t bytes) ABSL_LOCKS_EXCLUDED(mu);
+  // Unmaps an extent's handles at `offset` of the slot's regions; on error
+  // maps back what it unmapped. mu is not held.
+  absl::Status UnmapExtent(int slot, const Extent& extent)
+      ABSL_LOCKS_EXCLUDED(mu);
+  // Takes the last extent of the least recently freed idle slot back into
+  // the pool. False when no idle slot holds memory.
+  absl::StatusOr<bool> ReclaimOne() ABSL_LOCKS_EXCLUDED(mu);
+  // Waits for (and releases) the slot's fences. The slot is busy; drops mu.
+  absl::Status WaitFencesLocked(Slot& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Releases fences that have completed.
+  void PruneFencesLocked(Slot& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Unmaps every extent of a slot that is busy (Free without deferral,
+  // destruction).
+  absl::Status UnmapAllLocked(int slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  void WaitNotBusyLocked(int slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    while (slots[slot].busy) state_cv.Wait(&mu);
+  }
+
+  // ---- Background thread ------------------------------------------------------
+  void WorkerLoop();
+  // One unit of map-ahead work, if any is due: true when it did something.
+  bool WorkerMapAheadOnceLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  void WakeWorkerLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    ++work_generation;
+    work_cv.Signal();
+  }
+
+  // ---- Constant after construction ----------------------------------------
+  const KVCacheOptions opts;
+  const std::shared_ptr<Backend> backend;
+  std::int64_t granularity = 0;
+  std::int64_t elem_bytes = 0;
+  int num_regions = 0;          // 1 token-major; 2 * layers layer-major.
+  std::int64_t token_bytes = 0;  // Bytes per token per region.
+  std::int64_t region_stride = 0;  // Virtual bytes per slot per region.
+  std::int64_t min_extent = 0;
+  std::int64_t max_extent = 0;
+  DevicePtr base = 0;
+  std::size_t reserved_bytes = 0;
+  std::unique_ptr<PhysicalPool> pool;
+  std::thread worker;
+
+  // ---- Guarded by mu ----------------------------------------------------------
+  mutable Mutex mu;
+  CondVar state_cv;  // A slot stopped being busy; the worker went idle.
+  CondVar work_cv;   // Work for the background thread.
+  std::vector<Slot> slots ABSL_GUARDED_BY(mu);
+  std::uint64_t free_seq ABSL_GUARDED_BY(mu) = 0;
+  CacheStats stats ABSL_GUARDED_BY(mu);  // Counters kept here; the rest is
+                                         // derived in Stats().
+  bool shutting_down ABSL_GUARDED_BY(mu) = false;
+  absl::Status background_error ABSL_GUARDED_BY(mu);
+  std::uint64_t work_generation ABSL_GUARDED_BY(mu) = 0;
+  std::uint64_t idle_generation ABSL_GUARDED_BY(mu) = 0;
+  bool worker_running = false;  // Constant after Init.
+};
+
+// ---------------------------------------------------------------------------
+// Construction and destruction.
+
+absl::Status KVCache::Impl::Init() {
+  const BackendCapabilities& caps = backend->capabilities();
+  granularity = static_cast<std::int64_t>(caps.granularity);
+  elem_bytes = static_cast<std::int64_t>(DTypeSize(opts.dtype));
+  const std::int64_t row =
+      static_cast<std::int64_t>(opts.num_kv_heads) * opts.head_dim * elem_bytes;
+  if (opts.layout == Layout::kTokenMajor) {
+    num_regions = 1;
+    token_bytes = row * 2 * opts.num_layers;
+  } else {
+    num_regions = 2 * opts.num_layers;
+    token_bytes = row;
+  }
+  region_stride = RoundUp(opts.max_tokens * token_bytes, granularity);
+  const long double total = static_cast<long double>(region_stride) *
+                            opts.max_slots * num_regions;
+  if (total > static_cast<long double>(caps.max_reservation_bytes)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KVCacheOptions: the cache needs %.0Lf bytes of virtual space "
+        "(max_slots %d x max_tokens %d x %d bytes per token), more than "
+        "backend %s can reserve (max_reservation_bytes %d)",
+        total, opts.max_slots, opts.max_tokens, token_bytes * num_regions,
+        caps.name, caps.max_reservation_bytes));
+  }
+  reserved_bytes = static_cast<std::size_t>(total);
+
+  min_extent = std::max(
+      granularity,
+      RoundUp(static_cast<std::int64_t>(opts.min_extent_bytes), granularity));
+  max_extent = opts.max_extent_bytes == 0
+                   ? min_extent
+                   : std::max(min_extent,
+                              static_cast<std::int64_t>(opts.max_extent_bytes) /
+                                  granularity * granularity);
+
+  std::int64_t budget = static_cast<std::int64_t>(opts.memory_budget_bytes);
+  if (budget == 0) {
+    budget = caps.physical_memory_bytes > 0
+                 ? static_cast<std::int64_t>(caps.physical_memory_bytes)
+                 : std::numeric_limits<std::int64_t>::max() / 4;
+  }
+  if (budget < granularity * num_regions) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KVCacheOptions.memory_budget_bytes (%d) cannot hold one extent of "
+        "every tensor (%d bytes)",
+        budget, granularity * num_regions));
+  }
+
+  VATTN_ASSIGN_OR_RETURN(base, backend->Reserve(reserved_bytes));
+  pool = std::make_unique<PhysicalPool>(backend, budget);
+  {
+    MutexLock lock(&mu);
+    slots.resize(static_cast<std::size_t>(opts.max_slots));
+    stats.budget_bytes = budget;
+  }
+  if (opts.prealloc_handles > 0) {
+    const std::int64_t size =
+        opts.prealloc_handle_bytes == 0
+            ? min_extent
+            : RoundUp(static_cast<std::int64_t>(opts.prealloc_handle_bytes),
+                      granularity);
+    absl::StatusOr<int> made =
+        pool->Fill(static_cast<std::size_t>(size), opts.prealloc_handles);
+    if (!made.ok()) return made.status();
+  }
+  if (opts.map_ahead_tokens > 0 || opts.pool_high_water > 0) {
+    worker_running = true;
+    worker = std::thread([this] { WorkerLoop(); });
+  }
+  return absl::OkStatus();
+}
+
+void KVCache::Impl::Shutdown() {
+  {
+    MutexLock lock(&mu);
+    shutting_down = true;
+    work_cv.SignalAll();
+  }
+  if (worker.joinable()) worker.join();
+  MutexLock lock(&mu);
+  for (int i = 0; i < static_cast<int>(slots.size()); ++i) {
+    WaitNotBusyLocked(i);
+    Slot& s = slots[i];
+    s.busy = true;
+    // Errors cannot be reported from a destructor; the backend takes back
+    // whatever is left when it is destroyed.
+    (void)WaitFencesLocked(s);
+    (void)UnmapAllLocked(i);
+    s.busy = false;
+  }
+  {
+    MutexUnlock unlock(&mu);
+    if (pool) {
+      (void)pool->DestroyIdle();
+      pool.reset();
+    }
+    if (base != 0) (void)backend->Release(base, reserved_bytes);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Fences.
+
+void KVCache::Impl::PruneFencesLocked(Slot& s) {
+  auto it = s.fences.begin();
+  while (it != s.fences.end()) {
+    absl::StatusOr<bool> done = backend->FenceDone(*it);
+    if (done.ok() && *done) {
+      (void)backend->ReleaseFence(*it);
+      it = s.fences.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+absl::Status KVCache::Impl::WaitFencesLocked(Slot& s) {
+  PruneFencesLocked(s);
+  if (s.fences.empty()) return absl::OkStatus();
+  std::vector<FenceId> fences = s.fences;
+  ++stats.fence_waits;
+  absl::Status status;
+  {
+    MutexUnlock unlock(&mu);
+    for (FenceId f : fences) {
+      status.Update(backend->WaitFence(f));
+    }
+  }
+  if (!status.ok()) return status;
+  for (FenceId f : s.fences) (void)backend->ReleaseFence(f);
+  s.fences.clear();
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------
+// Mapping and reclamation.
+
+absl::StatusOr<std::vector<PhysicalHandle>> KVCache::Impl::AcquireHandles(
+    std::int64_t bytes) {
+  for (;;) {
+    absl::StatusOr<std::vector<PhysicalHandle>> handles =
+        pool->Acquire(static_cast<std::size_t>(bytes), num_regions);
+    if (handles.ok() ||
+        handles.status().code() != absl::StatusCode::kResourceExhausted) {
+      return handles;
+    }
+    absl::StatusOr<bool> reclaimed = ReclaimOne();
+    if (!reclaimed.ok()) return reclaimed.status();
+    if (!*reclaimed) return handles.status();
+  }
+}
+
+absl::Status KVCache::Impl::UnmapExtent(int slot, const Extent& extent) {
+  for (int r = 0; r < num_regions; ++r) {
+    const DevicePtr va =
+        static_cast<DevicePtr>(RegionAddress(slot, r) + extent.offset);
+    absl::Status status =
+        backend->Unmap(va, static_cast<std::size_t>(extent.bytes));
+    if (!status.ok()) {
+      // Put back what this call unmapped so the extent stays whole.
+      for (int back = 0; back < r; ++back) {
+        const DevicePtr bva =
+            static_cast<DevicePtr>(RegionAddress(slot, back) + extent.offset);
+        absl::Status remap = backend->Map(bva, extent.handles[back]);
+        if (!remap.ok()) {
+          return absl::InternalError(absl::StrFormat(
+              "slot %d: unmapping an extent failed (%s) and mapping back "
+              "region %d failed too (%s); the cache is inconsistent",
+              slot, status.ToString(), back, remap.ToString()));
+        }
+      }
+      return status;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KVCache::Impl::MapExtent(int slot, std::int64_t offset,
+                                      std::int64_t preferred,
+                                      std::int64_t minimum, Extent* extent) {
+  std::int64_t bytes = preferred;
+  absl::StatusOr<std::vector<PhysicalHandle>> handles = AcquireHandles(bytes);
+  if (!handles.ok() && minimum < preferred &&
+      handles.status().code() == absl::StatusCode::kResourceExhausted) {
+    bytes = minimum;
+    handles = AcquireHandles(bytes);
+  }
+  if (!handles.ok()) {
+    return absl::Status(
+        handles.status().code(),
+        absl::StrFormat("slot %d: cannot back %d more bytes per tensor: %s",
+                        slot, minimum, handles.status().message()));
+  }
+  extent->offset = offset;
+  extent->bytes = bytes;
+  extent->handles.assign(handles->begin(), handles->end());
+  int mapped = 0;
+  absl::Status status;
+  for (; mapped < num_regions; ++mapped) {
+    const DevicePtr va =
+        static_cast<DevicePtr>(RegionAddress(slot, mapped) + offset);
+    status = backend->Map(va, extent->handles[mapped]);
+    if (!status.ok()) break;
+  }
+  if (status.ok() && opts.zero_on_reuse) {
+    for (int r = 0; r < num_regions && status.ok(); ++r) {
+      status = backend->Zero(
+          static_cast<DevicePtr>(RegionAddress(slot, r) + offset),
+          static_cast<std::size_t>(bytes));
+    }
+  }
+  if (!status.ok()) {
+    for (int r = 0; r < mapped; ++r) {
+      (void)backend->Unmap(
+          static_cast<DevicePtr>(RegionAddress(slot, r) + offset),
+          static_cast<std::size_t>(bytes));
+    }
+    pool->Release(std::move(*handles), static_cast<std::size_t>(bytes));
+    return status;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
+                                               bool* mapped_here) {
+  Slot& s = slots[slot];
+  const std::int64_t need = BytesFor(tokens);
+  while (s.mapped < need) {
+    if (s.busy) {
+      state_cv.Wait(&mu);
+      if (!s.active) {
+        return absl::FailedPreconditionError(absl::StrFormat(
+            "slot %d was freed while waiting for it to be mapped", slot));
+      }
+      continue;
+    }
+    const std::int64_t offset = s.mapped;
+    const std::int64_t deficit = need - offset;
+    const std::int64_t preferred = ExtentSize(offset, deficit);
+    const std::int64_t minimum = RoundUp(deficit, granularity);
+    s.busy = true;
+    Extent extent;
+    absl::Status status;
+    {
+      MutexUnlock unlock(&mu);
+      status = MapExtent(slot, offset, preferred, minimum, &extent);
+    }
+    s.busy = false;
+    state_cv.SignalAll();
+    if (!status.ok()) return status;
+    s.mapped += extent.bytes;
+    s.extents.push_back(std::move(extent));
+    stats.map_calls += num_regions;
+    ++stats.extents_mapped;
+    if (mapped_here != nullptr) *mapped_here = true;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> KVCache::Impl::ReclaimOne() {
+  MutexLock lock(&mu);
+  for (;;) {
+    // Least recently freed idle slot holding memory; prefer one whose fences
+    // have completed so reclamation does not wait on the GPU.
+    int ready = -1;
+    int oldest = -1;
+    for (int i = 0; i < static_cast<int>(slots.size()); ++i) {
+      Slot& s = slots[i];
+      if (s.active || s.busy || s.extents.empty()) continue;
+      if (oldest < 0 || s.freed_seq < slots[oldest].freed_seq) oldest = i;
+      PruneFencesLocked(s);
+      if (s.fences.empty() &&
+          (ready < 0 || s.freed_seq < slots[ready].freed_seq)) {
+        ready = i;
+      }
+    }
+    const int victim = ready >= 0 ? ready : oldest;
+    if (victim < 0) return false;
+    Slot& s = slots[victim];
+    s.busy = true;
+    absl::Status status = WaitFencesLocked(s);
+    if (!status.ok()) {
+      s.busy = false;
+      state_cv.SignalAll();
+      return status;
+    }
+    if (s.active) {  // Allocated while we waited: it keeps its memory.
+      s.busy = false;
+      state_cv.SignalAll();
+      continue;
+    }
+    Extent extent = std::move(s.extents.back());
+    s.extents.pop_back();
+    {
+      MutexUnlock unlock(&mu);
+      status = UnmapExtent(victim, extent);
+    }
+    if (!status.ok()) {
+      s.extents.push_back(std::move(extent));
+      s.busy = false;
+      state_cv.SignalAll();
+      return status;
+    }
+    s.mapped -= extent.bytes;
+    stats.unmap_calls += num_regions;
+    stats.reclaimed_bytes += extent.bytes * num_regions;
+    ++stats.reclaimed_extents;
+    std::vector<PhysicalHandle> handles(extent.handles.begin(),
+                                        extent.handles.end());
+    pool->Release(std::move(handles), static_cast<std::size_t>(extent.bytes));
+    s.busy = false;
+    state_cv.SignalAll();
+    return true;
+  }
+}
+
+absl::Status KVCache::Impl::UnmapAllLocked(int slot) {
+  Slot& s = slots[slot];
+  while (!s.extents.empty()) {
+    Extent extent = std::move(s.extents.back());
+    s.extents.pop_back();
+    absl::Status status;
+    {
+      MutexUnlock unlock(&mu);
+      status = UnmapExtent(slot, extent);
+    }
+    if (!status.ok()) {
+      s.extents.push_back(std::move(extent));
+      return status;
+    }
+    s.mapped -= extent.bytes;
+    stats.unmap_calls += num_regions;
+    std::vector<PhysicalHandle> handles(extent.handles.begin(),
+                                        extent.handles.end());
+    pool->Release(std::move(handles), static_cast<std::size_t>(extent.bytes));
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------
+// The map-ahead thread.
+
+bool KVCache::Impl::WorkerMapAheadOnceLocked() {
+  if (opts.map_ahead_tokens <= 0) return false;
+  // The active slot closest to running out of backed tokens first.
+  int best = -1;
+  std::int64_t best_margin = 0;
+  std::int64_t best_target = 0;
+  for (int i = 0; i < static_cast<int>(slots.size()); ++i) {
+    const Slot& s = slots[i];
+    if (!s.active || s.busy) continue;
+    const std::int64_t want = std::min<std::int64_t>(
+        opts.max_tokens, std::max(s.length, s.hint) + opts.map_ahead_tokens);
+    const std::int64_t target = BytesFor(want);
+    if (s.mapped >= target) continue;
+    const std::int64_t margin = BackedTokens(s.mapped) - s.length;
+    if (best < 0 || margin < best_margin) {
+      best = i;
+      best_margin = margin;
+      best_target = target;
+    }
+  }
+  if (best < 0) return false;
+  Slot& s = slots[best];
+  const std::int64_t offset = s.mapped;
+  const std::int64_t deficit = best_target - offset;
+  const std::int64_t preferred = ExtentSize(offset, deficit);
+  s.busy = true;
+  Extent extent;
+  absl::Status status;
+  {
+    MutexUnlock unlock(&mu);
+    status = MapExtent(best, offset, preferred,
+                       RoundUp(deficit, granularity), &extent);
+  }
+  s.busy = false;
+  state_cv.SignalAll();
+  if (status.ok()) {
+    s.mapped += extent.bytes;
+    s.extents.push_back(std::move(extent));
+    stats.map_calls += num_regions;
+    ++stats.extents_mapped;
+    ++stats.background_extents;
+    return true;
+  }
+  if (status.code() != absl::StatusCode::kResourceExhausted) {
+    // Unexpected: sticky, returned by the next foreground call.
+    if (background_error.ok()) background_error = status;
+  }
+  // Out of budget: looking ahead is best effort; the foreground maps (or
+  // fails) when the memory is really needed. Stop until something changes.
+  return false;
+}
+
+void KVCache::Impl::WorkerLoop() {
+  MutexLock lock(&mu);
+  while (!shutting_down) {
+    const std::uint64_t generation = work_generation;
+    bool did = false;
+    if (background_error.ok()) {
+      did = WorkerMapAheadOnceLocked();
+      if (!did && opts.pool_high_water > 0 &&
+          pool->IdleCount(static_cast<std::size_t>(max_extent)) <
+              opts.pool_low_water) {
+        absl::StatusOr<int> made;
+        {
+          MutexUnlock unlock(&mu);
+          made = pool->Fill(static_cast<std::size_t>(max_extent),
+                            opts.pool_high_water);
+        }
+        if (made.ok()) {
+          stats.background_creates += *made;
+          did = *made > 0;
+        } else if (made.status().code() !=
+                       absl::StatusCode::kResourceExhausted &&
+                   background_error.ok()) {
+          background_error = made.status();
+        }
+      }
+    }
+    if (did) continue;
+    if (generation == work_generation) {
+      idle_generation = generation;
+      state_cv.SignalAll();
+      work_cv.WaitWithTimeout(&mu, absl::Milliseconds(50));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Public API.
+
+KVCache::KVCache(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+KVCache::~KVCache() {
+  if (impl_) impl_->Shutdown();
+}
+
+absl::StatusOr<std::unique_ptr<KVCache>> KVCache::Create(
+    const KVCacheOptions& options, std::shared_ptr<Backend> backend) {
+  VATTN_RETURN_IF_ERROR(options.Validate());
+  if (backend == nullptr) {
+    return absl::InvalidArgumentError("KVCache::Create: backend is null");
+  }
+  auto impl = std::make_unique<Impl>(options, std::move(backend));
+  absl::Status status = impl->Init();
+  if (!status.ok()) {
+    impl->Shutdown();
+    return status;
+  }
+  return std::unique_ptr<KVCache>(new KVCache(std::move(impl)));
+}
+
+absl::StatusOr<int> KVCache::AllocSlot(std::int64_t expected_tokens) {
+  Impl& m = *impl_;
+  VATTN_RETURN_IF_ERROR(m.CheckTokens(expected_tokens));
+  MutexLock lock(&m.mu);
+  VATTN_RETURN_IF_ERROR(m.background_error);
+  const std::int64_t want = m.BytesFor(std::max<std::int64_t>(1, expected_tokens));
+  for (;;) {
+    // Best fit: the idle slot with the least mapped memory that still covers
+    // the hint; else the one with the most; fresh slots have none.
+    int best = -1;
+    bool any_busy = false;
+    for (int i = 0; i < static_cast<int>(m.slots.size()); ++i) {
+      const Impl::Slot& s = m.slots[i];
+      if (s.active) continue;
+      if (s.busy) {
+        any_busy = true;
+        continue;
+      }
+      if (best < 0) {
+        best = i;
+        continue;
+      }
+      const std::int64_t have = s.mapped;
+      const std::int64_t best_have = m.slots[best].mapped;
+      const bool covers = have >= want;
+      const bool best_covers = best_have >= want;
+      if (covers != best_covers) {
+        if (covers) best = i;
+      } else if (covers ? have < best_have : have > best_have) {
+        best = i;
+      }
+    }
+    if (best < 0) {
+      if (any_busy) {
+        m.state_cv.Wait(&m.mu);
+        continue;
+      }
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "all %d slots are active", m.opts.max_slots));
+    }
+    Impl::Slot& s = m.slots[best];
+    if (s.mapped > 0) ++m.stats.reuse_hits;
+    if (m.opts.zero_on_reuse && s.used && s.mapped > 0) {
+      s.busy = true;
+      absl::Status status = m.WaitFencesLocked(s);
+      const std::int64_t bytes = s.mapped;
+      if (status.ok()) {
+        MutexUnlock unlock(&m.mu);
+        for (int r = 0; r < m.num_regions && status.ok(); ++r) {
+          status = m.backend->Zero(
+              static_cast<DevicePtr>(m.RegionAddress(best, r)),
+              static_cast<std::size_t>(bytes));
+        }
+      }
+      s.busy = false;
+      m.state_cv.SignalAll();
+      if (!status.ok()) return status;
+      m.stats.zeroed_bytes += bytes * m.num_regions;
+    }
+    s.active = true;
+    s.used = false;
+    s.length = 0;
+    s.hint = expected_tokens;
+    m.PruneFencesLocked(s);
+    if (m.worker_running && expected_tokens > 0) m.WakeWorkerLocked();
+    return best;
+  }
+}
+
+absl::Status KVCache::Grow(int slot, std::int64_t tokens) {
+  Impl& m = *impl_;
+  VATTN_RETURN_IF_ERROR(m.CheckSlot(slot));
+  VATTN_RETURN_IF_ERROR(m.CheckTokens(tokens));
+  MutexLock lock(&m.mu);
+  VATTN_RETURN_IF_ERROR(m.background_error);
+  VATTN_RETURN_IF_ERROR(m.CheckActiveLocked(slot));
+  ++m.stats.grow_calls;
+  VATTN_RETURN_IF_ERROR(m.EnsureBackedLocked(slot, tokens, nullptr));
+  Impl::Slot& s = m.slots[slot];
+  s.length = std::max(s.length, tokens);
+  s.used = true;
+  if (m.worker_running) m.WakeWorkerLocked();
+  return absl::OkStatus();
+}
+
+absl::Status KVCache::Shrink(int slot, std::int64_t tokens) {
+  Impl& m = *impl_;
+  VATTN_RETURN_IF_ERROR(m.CheckSlot(slot));
+  MutexLock lock(&m.mu);
+  VATTN_RETURN_IF_ERROR(m.CheckActiveLocked(slot));
+  Impl::Slot& s = m.slots[slot];
+  if (tokens < 0 || tokens > s.length) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "Shrink(slot %d, %d): tokens must be in [0, length %d]", slot, tokens,
+        s.length));
+  }
+  s.length = tokens;
+  return absl::OkStatus();
+}
+
+absl::Status KVCache::Free(int slot, std::optional<Stream> fence) {
+  Impl& m = *impl_;
+  VATTN_RETURN_IF_ERROR(m.CheckSlot(slot));
+  MutexLock lock(&m.mu);
+  VATTN_RETURN_IF_ERROR(m.CheckActiveLocked(slot));
+  Impl::Slot& s = m.slots[slot];
+  if (fence.has_value()) {
+    VATTN_ASSIGN_OR_RETURN(FenceId id, m.backend->RecordFence(*fence));
+    if (id != kCompletedFence) s.fences.push_back(id);
+  }
+  s.active = false;
+  s.length = 0;
+  s.hint = 0;
+  s.freed_seq = ++m.free_seq;
+  if (!m.opts.defer_reclaim) {
+    m.WaitNotBusyLocked(slot);
+    if (s.active) return absl::OkStatus();  // Reused meanwhile.
+    s.busy = true;
+    absl::Status status = m.WaitFencesLocked(s);
+    if (status.ok()) status = m.UnmapAllLocked(slot);
+    s.busy = false;
+    m.state_cv.SignalAll();
+    return status;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StepResult> KVCache::Step(absl::Span<const StepRequest> batch) {
+  Impl& m = *impl_;
+  // Validate everything first: bad input changes nothing.
+  for (const StepRequest& r : batch) {
+    VATTN_RETURN_IF_ERROR(m.CheckSlot(r.slot));
+    VATTN_RETURN_IF_ERROR(m.CheckTokens(r.tokens));
+  }
+  StepResult result;
+  MutexLock lock(&m.mu);
+  VATTN_RETURN_IF_ERROR(m.background_error);
+  for (const StepRequest& r : batch) {
+    VATTN_RETURN_IF_ERROR(m.CheckActiveLocked(r.slot));
+  }
+  ++m.stats.step_calls;
+  absl::Status status;
+  for (const StepRequest& r : batch) {
+    Impl::Slot& s = m.slots[r.slot];
+    if (s.mapped < m.BytesFor(r.tokens)) {
+      // Slow path: the background thread is behind (or off).
+      const std::int64_t start = NowNanos();
+      bool mapped_here = false;
+      status = m.EnsureBackedLocked(r.slot, r.tokens, &mapped_here);
+      const std::int64_t spent = NowNanos() - start;
+      result.map_nanos += spent;
+      m.stats.step_map_nanos += spent;
+      if (mapped_here) {
+        ++result.misses;
+        ++m.stats.step_misses;
+      }
+      if (!status.ok()) break;
+    }
+    s.length = std::max(s.length, r.tokens);
+    s.used = true;
+  }
+  if (m.worker_running) m.WakeWorkerLocked();
+  if (!status.ok()) return status;
+  return result;
+}
+
+TensorView KVCache::K(int layer) const {
+  const Impl& m = *impl_;
+  TensorView view;
+  if (layer < 0 || layer >= m.opts.num_layers) return view;
+  const std::int64_t row = static_cast<std::int64_t>(m.opts.num_kv_heads) *
+                           m.opts.head_dim;
+  view.dtype = m.opts.dtype;
+  view.shape = {m.opts.max_slots, m.opts.max_tokens, m.opts.num_kv_heads,
+                m.opts.head_dim};
+  std::int64_t offset_bytes = 0;
+  if (m.opts.layout == Layout::kTokenMajor) {
+    view.strides = {m.region_stride / m.elem_bytes,
+                    row * 2 * m.opts.num_layers, m.opts.head_dim, 1};
+    offset_bytes = static_cast<std::int64_t>(layer) * 2 * row * m.elem_bytes;
+  } else {
+    view.strides = {m.region_stride / m.elem_bytes, row, m.opts.head_dim, 1};
+    offset_bytes = m.RegionAddress(0, 2 * layer) -
+                   static_cast<std::int64_t>(m.base);
+  }
+  view.data = reinterpret_cast<void*>(m.base +
+                                      static_cast<DevicePtr>(offset_bytes));
+  return view;
+}
+
+TensorView KVCache::V(int layer) const {
+  const Impl& m = *impl_;
+  TensorView view = K(layer);
+  if (view.data == nullptr) return view;
+  const std::int64_t delta =
+      m.opts.layout == Layout::kTokenMajor
+          ? static_cast<std::int64_t>(m.opts.num_kv_heads) * m.opts.head_dim *
+                m.elem_bytes
+          : m.region_stride * m.opts.max_slots;
+  view.data = reinterpret_cast<void*>(reinterpret_cast<std::uintptr_t>(
+                                          view.data) +
+                                      static_cast<std::uintptr_t>(delta));
+  return view;
+}
+
+CacheStats KVCache::Stats() const {
+  const Impl& m = *impl_;
+  CacheStats out;
+  {
+    MutexLock lock(&m.mu);
+    out = m.stats;
+    out.mapped_bytes = 0;
+    out.logical_bytes = 0;
+    out.active_slots = 0;
+    out.idle_slots_with_memory = 0;
+    for (const Impl::Slot& s : m.slots) {
+      out.mapped_bytes += s.mapped * m.num_regions;
+      if (s.active) {
+        ++out.active_slots;
+        out.logical_bytes += s.length * m.token_bytes * m.num_regions;
+      } else if (!s.extents.empty()) {
+        ++out.idle_slots_with_memory;
+      }
+    }
+  }
+  const PhysicalPool::Counters pool = m.pool->counters();
+  out.physical_bytes = pool.physical_bytes;
+  out.pooled_bytes = pool.idle_bytes;
+  out.peak_physical_bytes = pool.peak_physical_bytes;
+  out.create_calls = pool.create_calls;
+  out.destroy_calls = pool.destroy_calls;
+  return out;
+}
+
+absl::StatusOr<SlotInfo> KVCache::GetSlot(int slot) const {
+  const Impl& m = *impl_;
+  VATTN_RETURN_IF_ERROR(m.CheckSlot(slot));
+  MutexLock lock(&m.mu);
+  const Impl::Slot& s = m.slots[slot];
+  SlotInfo info;
+  info.active = s.active;
+  info.length = s.length;
+  info.backed_tokens = m.BackedTokens(s.mapped);
+  info.mapped_bytes = s.mapped * m.num_regions;
+  info.extents = static_cast<int>(s.extents.size());
+  return info;
+}
+
+const KVCacheOptions& KVCache::options() const { return impl_->opts; }
+
+const std::shared_ptr<Backend>& KVCache::backend() const {
+  return impl_->backend;
+}
+
+std::int64_t KVCache::bytes_per_token() const {
+  return impl_->token_bytes * impl_->num_regions;
+}
+
+absl::Status KVCache::WaitForBackgroundIdle() {
+  Impl& m = *impl_;
+  MutexLock lock(&m.mu);
+  if (!m.worker_running) return m.background_error;
+  m.WakeWorkerLocked();
+  const std::uint64_t target = m.work_generation;
+  while (m.idle_generation < target && !m.shutting_down) {
+    m.state_cv.Wait(&m.mu);
+  }
+  return m.background_error;
+}
+
+}  // namespace vattn

@@ -1,0 +1,113 @@
+// Copyright 2026 The vattn Authors. Licensed under the Apache License 2.0.
+#include "vattn/options.h"
+
+#include "absl/strings/str_format.h"
+
+namespace vattn {
+
+std::size_t DTypeSize(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat16:
+    case DType::kBFloat16:
+      return 2;
+    case DType::kFloat32:
+      return 4;
+    case DType::kFloat8E4M3:
+    case DType::kInt8:
+      return 1;
+  }
+  return 0;
+}
+
+const char* DTypeName(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return "float16";
+    case DType::kBFloat16:
+      return "bfloat16";
+    case DType::kFloat32:
+      return "float32";
+    case DType::kFloat8E4M3:
+      return "float8_e4m3";
+    case DType::kInt8:
+      return "int8";
+  }
+  return "unknown";
+}
+
+const char* LayoutName(Layout layout) {
+  switch (layout) {
+    case Layout::kTokenMajor:
+      return "token-major";
+    case Layout::kLayerMajor:
+      return "layer-major";
+  }
+  return "unknown";
+}
+
+namespace {
+
+absl::Status Positive(const char* field, std::int64_t value) {
+  if (value > 0) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrFormat("KVCacheOptions.%s must be positive, got %d", field,
+                      value));
+}
+
+}  // namespace
+
+absl::Status KVCacheOptions::Validate() const {
+  for (const auto& [field, value] :
+       {std::pair<const char*, std::int64_t>{"num_layers", num_layers},
+        {"num_kv_heads", num_kv_heads},
+        {"head_dim", head_dim},
+        {"max_slots", max_slots},
+        {"max_tokens", max_tokens}}) {
+    if (absl::Status s = Positive(field, value); !s.ok()) return s;
+  }
+  if (DTypeSize(dtype) == 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KVCacheOptions.dtype has no such value (%d)", static_cast<int>(dtype)));
+  }
+  if (layout != Layout::kTokenMajor && layout != Layout::kLayerMajor) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("KVCacheOptions.layout has no such value (%d)",
+                        static_cast<int>(layout)));
+  }
+  // Products that size the reservation must not overflow: bound each factor
+  // so that slots * tokens * layers * 2 * heads * dim * 8 stays below 2^62.
+  const long double total = static_cast<long double>(max_slots) * max_tokens *
+                            num_layers * 2 * num_kv_heads * head_dim *
+                            static_cast<long double>(DTypeSize(dtype));
+  if (total > static_cast<long double>(std::int64_t{1} << 60)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KVCacheOptions: max_slots x max_tokens x num_layers x 2 x "
+        "num_kv_heads x head_dim x dtype size = %.3Le bytes overflows the "
+        "address space",
+        total));
+  }
+  if (max_extent_bytes != 0 && min_extent_bytes > max_extent_bytes) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KVCacheOptions.min_extent_bytes (%d) exceeds max_extent_bytes (%d)",
+        min_extent_bytes, max_extent_bytes));
+  }
+  if (prealloc_handles < 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KVCacheOptions.prealloc_handles must be >= 0, got %d",
+        prealloc_handles));
+  }
+  if (map_ahead_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KVCacheOptions.map_ahead_tokens must be >= 0, got %d",
+        map_ahead_tokens));
+  }
+  if (pool_low_water < 0 || pool_high_water < pool_low_water) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KVCacheOptions.pool_low_water (%d) and pool_high_water (%d) need "
+        "0 <= low <= high",
+        pool_low_water, pool_high_water));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace vattn
