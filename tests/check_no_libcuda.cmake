@@ -1,0 +1,28 @@
+# Fails when any of BINARIES (a ;-list of executables) names libcuda in its
+# dynamic section's NEEDED entries. Run with:
+#   cmake -DBINARIES="a;b" -P check_no_libcuda.cmake
+find_program(READELF NAMES readelf llvm-readelf REQUIRED)
+if(NOT BINARIES)
+  message(FATAL_ERROR "BINARIES is empty")
+endif()
+foreach(binary IN LISTS BINARIES)
+  if(NOT EXISTS "${binary}")
+    message(FATAL_ERROR "${binary} does not exist")
+  endif()
+  execute_process(COMMAND ${READELF} -d "${binary}"
+                  OUTPUT_VARIABLE dynamic RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "readelf -d ${binary} failed (${rc})")
+  endif()
+  string(REGEX MATCHALL "\\(NEEDED\\)[^\n]*" needed "${dynamic}")
+  if(NOT needed)
+    message(FATAL_ERROR "${binary}: no NEEDED entries found; is it dynamic?")
+  endif()
+  foreach(entry IN LISTS needed)
+    if(entry MATCHES "libcuda\\.")
+      message(FATAL_ERROR "${binary} links libcuda: ${entry}")
+    endif()
+  endforeach()
+  list(LENGTH needed n)
+  message(STATUS "${binary}: ${n} NEEDED entries, none is libcuda")
+endforeach()
