@@ -11,11 +11,17 @@
 //   vattn/export.h   the VATTN_EXPORT visibility macro
 //   vattn/backend.h  the backend layer (Host, CUDA, latency model, fault
 //                    injection) and its contract
+//   vattn/options.h  KVCacheOptions, DType, Layout
+//   vattn/stats.h    CacheStats
+//   vattn/kv_cache.h KVCache, TensorView, StepRequest
 #ifndef VATTN_VATTN_H_
 #define VATTN_VATTN_H_
 
 #include "vattn/backend.h"
 #include "vattn/export.h"
+#include "vattn/kv_cache.h"
+#include "vattn/options.h"
+#include "vattn/stats.h"
 #include "vattn/status.h"
 
 #endif  // VATTN_VATTN_H_
