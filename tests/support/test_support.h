@@ -49,10 +49,12 @@ std::string Describe(const absl::StatusOr<T>& status_or) {
   lhs = std::move(so).value()
 
 // Expects `expr` (a Status or StatusOr) to fail with `code`.
-#define VATTN_EXPECT_CODE(expr, code)                                  \
+// (The parameter is not named `code`: that would rewrite the `.code()` call.)
+#define VATTN_EXPECT_CODE(expr, expected_code)                         \
   do {                                                                 \
     const auto& vattn_test_s_ = (expr);                                \
-    EXPECT_EQ(::vattn::testing::StatusOf(vattn_test_s_).code(), (code)) \
+    EXPECT_EQ(::vattn::testing::StatusOf(vattn_test_s_).code(),        \
+              (expected_code))                                         \
         << #expr << " -> " << ::vattn::testing::Describe(vattn_test_s_); \
   } while (false)
 
