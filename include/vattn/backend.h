@@ -314,6 +314,8 @@ class VATTN_EXPORT FaultInjectionBackend : public Backend {
   static absl::StatusOr<std::shared_ptr<FaultInjectionBackend>> Create(
       std::shared_ptr<Backend> inner, FaultPlan plan = {});
   ~FaultInjectionBackend() override;
+  // The static Create above would otherwise hide Backend::Create(bytes).
+  using Backend::Create;
 
   // Replaces the plan and restarts the call counts.
   void SetPlan(FaultPlan plan);
