@@ -9,7 +9,11 @@ if(VATTN_STATIC_DEPS)
   # Debian's Abseil config points its targets at the shared libraries; the
   # static archives sit beside them. Point every imported absl:: target at its
   # archive so the GPU bundle carries no Abseil .so.
-  get_property(_vattn_absl_targets DIRECTORY "${absl_DIR}" PROPERTY IMPORTED_TARGETS)
+  # find_package() above created the imported targets in this directory's
+  # scope (absl_DIR is not a processed directory, so it cannot be queried).
+  get_property(_vattn_imported DIRECTORY "${CMAKE_CURRENT_SOURCE_DIR}" PROPERTY IMPORTED_TARGETS)
+  list(FILTER _vattn_imported INCLUDE REGEX "^absl::")
+  set(_vattn_absl_targets ${_vattn_imported})
   if(NOT _vattn_absl_targets)
     file(STRINGS "${absl_DIR}/abslTargets.cmake" _lines REGEX "^add_library\\(absl::")
     foreach(_line IN LISTS _lines)
@@ -27,12 +31,20 @@ if(VATTN_STATIC_DEPS)
           if(EXISTS "${_archive}")
             set_target_properties(${_t} PROPERTIES
               IMPORTED_LOCATION_NONE "${_archive}"
-              IMPORTED_SONAME_NONE "")
+              IMPORTED_LOCATION "${_archive}"
+              IMPORTED_SONAME_NONE ""
+              IMPORTED_SONAME "")
+            list(APPEND _vattn_absl_static ${_t})
           endif()
         endif()
       endif()
     endif()
   endforeach()
+  list(LENGTH _vattn_absl_static _n)
+  if(_n EQUAL 0)
+    message(FATAL_ERROR "VATTN_STATIC_DEPS: no Abseil target could be pointed at a static archive")
+  endif()
+  message(STATUS "vattn: ${_n} Abseil targets linked from static archives")
 endif()
 
 set(VATTN_HAVE_CUDA_HEADERS OFF)

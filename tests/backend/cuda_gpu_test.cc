@@ -32,11 +32,6 @@ using ::testing::StartsWith;
 constexpr std::size_t kMiB = std::size_t{1} << 20;
 constexpr std::size_t kTiB = std::size_t{1} << 40;
 
-// tests/support's VATTN_EXPECT_CODE names its parameter `code`, which
-// collides with `.code()` in its body; this local form avoids it.
-#define CUDA_TEST_EXPECT_CODE(expr, expected)                            \
-  EXPECT_EQ(::vattn::testing::StatusOf(expr).code(), (expected)) << #expr
-
 // Skips the calling test (from the test body or SetUp) unless a CUDA device
 // can be used; sets *count otherwise.
 #define VATTN_SKIP_WITHOUT_CUDA_DEVICE(count)                             \
@@ -105,7 +100,7 @@ TEST_F(CudaBackendTest, Reserves64TiBButNotMore) {
   EXPECT_EQ(va % g_, 0u);
   VATTN_EXPECT_OK(backend_->Release(va, 64 * kTiB));
   std::printf("Reserve(64 TiB) took %.3f ms\n", reserve_ms);
-  CUDA_TEST_EXPECT_CODE(backend_->Reserve(128 * kTiB),
+  VATTN_EXPECT_CODE(backend_->Reserve(128 * kTiB),
                     absl::StatusCode::kInvalidArgument);
 }
 
@@ -229,7 +224,7 @@ TEST_F(CudaBackendTest, InvalidOrdinalIsInvalidArgument) {
       << testing::Describe(beyond);
   EXPECT_THAT(std::string(beyond.status().message()),
               HasSubstr("ordinal " + std::to_string(device_count_)));
-  CUDA_TEST_EXPECT_CODE(MakeCudaBackend(-1), absl::StatusCode::kInvalidArgument);
+  VATTN_EXPECT_CODE(MakeCudaBackend(-1), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(CudaBackendTest, TwoBackendsOnOneDeviceAreIndependent) {
@@ -258,7 +253,7 @@ TEST_F(CudaBackendTest, FenceOnTheDefaultStreamCompletes) {
   VATTN_ASSERT_OK_AND_ASSIGN(bool done, backend_->FenceDone(fence));
   EXPECT_TRUE(done);
   VATTN_EXPECT_OK(backend_->ReleaseFence(fence));
-  CUDA_TEST_EXPECT_CODE(backend_->FenceDone(fence),
+  VATTN_EXPECT_CODE(backend_->FenceDone(fence),
                     absl::StatusCode::kInvalidArgument);
 }
 

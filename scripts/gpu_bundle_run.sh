@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Runs vattn's GPU tests from the self-contained bundle (built by
+# scripts/build_gpu_bundle.sh, copied into the bundle as run_gpu.sh).
+#
+#   bundle/run_gpu.sh [extra gtest flags...]
+#
+# Runs every binary listed in gpu_tests.txt and every *_gpu_test beside this
+# script, each with --gtest_output=json into $OUT (when set) or bundle/results.
+# Prints one row per test case (test, passed/failed/skipped, time) and a row
+# per binary, then nvidia-smi's GPU name line. Exits non-zero when any test
+# failed or any binary crashed. Needs only bash, coreutils, grep and awk.
+set -uo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+RESULTS="${OUT:-$HERE/results}"
+mkdir -p "$RESULTS"
+PER_BINARY_TIMEOUT="${PER_BINARY_TIMEOUT:-300}"
+
+mapfile -t tests < <(
+  {
+    [[ -f "$HERE/gpu_tests.txt" ]] && cat "$HERE/gpu_tests.txt"
+    for f in "$HERE"/*_gpu_test; do [[ -x "$f" ]] && basename "$f"; done
+  } | sort -u)
+if ((${#tests[@]} == 0)); then
+  echo "run_gpu: no GPU test binaries in $HERE" >&2
+  exit 2
+fi
+
+# The C++ runtime: the system's when the binaries start with it, else the
+# copy in fallback/ (which needs a glibc at least as new as the build
+# machine's; see build_gpu_bundle.sh). VATTN_BUNDLE_RUNTIME=fallback forces
+# the copy.
+probe_start() { "$HERE/${tests[0]}" --gtest_list_tests >/dev/null 2>"$RESULTS/probe.err"; }
+runtime="system"
+if [[ "${VATTN_BUNDLE_RUNTIME:-}" == fallback ]] || ! probe_start; then
+  export LD_LIBRARY_PATH="$HERE/fallback${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  runtime="fallback/"
+  if ! probe_start; then
+    echo "run_gpu: ${tests[0]} does not start with the system's C++ runtime nor with fallback/:" >&2
+    cat "$RESULTS/probe.err" >&2
+    echo "glibc here: $(ldd --version 2>&1 | head -1)" >&2
+    exit 2
+  fi
+fi
+
+echo "== vattn GPU bundle $(cat "$HERE/VERSION" 2>/dev/null || echo '?') on $(hostname)"
+echo "== $(ldd --version 2>&1 | head -1); C++ runtime: $runtime"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>&1 |
+    sed 's/^/== GPU: /'
+else
+  echo "== GPU: nvidia-smi not found"
+fi
+
+status=0
+summary=()
+for t in "${tests[@]}"; do
+  bin="$HERE/$t"
+  [[ -x "$bin" ]] || { echo "run_gpu: $t missing" >&2; status=1; continue; }
+  log="$RESULTS/$t.log"
+  start=$(date +%s.%N)
+  timeout "$PER_BINARY_TIMEOUT" "$bin" --gtest_output="json:$RESULTS/$t.json" \
+    --gtest_color=no "$@" >"$log" 2>&1
+  rc=$?
+  secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN {printf "%.2f", e - s}')
+  read -r passed failed skipped < <(awk '
+    /^\[       OK \] /        {p++}
+    /^\[  FAILED  \] .*\(/    {f++}
+    /^\[  SKIPPED \] .*\(/    {s++}
+    END {print p+0, f+0, s+0}' "$log")
+  if ((rc != 0)); then status=1; fi
+  summary+=("$(printf '%-34s %6s %6s %7s %8ss  rc=%d' "$t" "$passed" "$failed" "$skipped" "$secs" "$rc")")
+
+  echo
+  echo "== $t (rc=$rc, ${secs}s; log: $log)"
+  printf '%-72s %-8s %s\n' "test" "result" "time"
+  awk '
+    /^\[       OK \] /     {r = "passed"}
+    /^\[  FAILED  \] .*\(/ {r = "FAILED"}
+    /^\[  SKIPPED \] .*\(/ {r = "skipped"}
+    r != "" {
+      line = $0; sub(/^\[[^]]*\] /, "", line)
+      name = line; sub(/ \(.*$/, "", name)
+      tm = line; sub(/^.*\(/, "", tm); sub(/\).*$/, "", tm)
+      printf "%-72s %-8s %s\n", name, r, tm
+      r = ""
+    }' "$log"
+  # Why tests failed (first lines of each failure), and the distinct reasons
+  # for skips.
+  grep -E -A3 ': Failure$' "$log" | head -40 | sed 's/^/   | failure: /'
+  grep -A1 -E ': Skipped$' "$log" | grep -v -E ': Skipped$|^--$' | sort | uniq -c |
+    sort -rn | head -5 | sed 's/^ */   | skipped x/'
+  if ((rc > 1)); then
+    echo "   | binary exited with rc=$rc (crash or timeout); last lines:"
+    tail -5 "$log" | sed 's/^/   | /'
+  fi
+done
+
+echo
+echo "== summary"
+printf '%-34s %6s %6s %7s %9s\n' "binary" "passed" "failed" "skipped" "time"
+printf '%s\n' "${summary[@]}"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi -L 2>&1 | head -4 | sed 's/^/== /'
+fi
+echo "== results (JSON, logs): $RESULTS"
+exit "$status"
