@@ -36,8 +36,6 @@ using internal::MutexLock;
 
 // DESIGN.md: 64 TiB reserved in microseconds on an H200; 128 TiB refused.
 constexpr std::size_t kMaxReservationBytes = std::size_t{64} << 40;
-// Completed events kept for reuse, so that a fence costs no cuEventCreate.
-constexpr std::size_t kMaxPooledEvents = 256;
 
 // Makes `context` current on the calling thread for one scope and puts the
 // thread's previous context back afterwards, so a caller that drives another
@@ -293,15 +291,13 @@ class CudaBackend final : public Backend {
     return event;
   }
 
+  // Events are pooled, never destroyed before the backend: a fence costs no
+  // cuEventCreate in steady state, and a FenceDone racing a ReleaseFence of
+  // the same fence can never query a destroyed event. The pool holds at most
+  // as many events as fences were ever live at once.
   void GiveBackEventInContext(CUevent event) {
-    {
-      MutexLock lock(&mu_);
-      if (free_events_.size() < kMaxPooledEvents) {
-        free_events_.push_back(event);
-        return;
-      }
-    }
-    (void)driver_.cuEventDestroy(event);
+    MutexLock lock(&mu_);
+    free_events_.push_back(event);
   }
 
   absl::Status SyncLegacyStreamInContext() {

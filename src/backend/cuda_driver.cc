@@ -60,7 +60,9 @@ void* Resolve(void* library, GetProcAddressFn get_proc, const char* name,
   if (get_proc != nullptr) {
     void* fn = nullptr;
     CUdriverProcAddressQueryResult found = CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND;
-    if (get_proc(name, &fn, CUDA_VERSION, CU_GET_PROC_ADDRESS_DEFAULT,
+    // Legacy-stream variants, as the dlsym fallback names them: vattn is
+    // not compiled for the per-thread default stream.
+    if (get_proc(name, &fn, CUDA_VERSION, CU_GET_PROC_ADDRESS_LEGACY_STREAM,
                  &found) == CUDA_SUCCESS &&
         found == CU_GET_PROC_ADDRESS_SUCCESS && fn != nullptr) {
       return fn;
