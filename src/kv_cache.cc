@@ -30,7 +30,6 @@ namespace vattn {
 using internal::CondVar;
 using internal::Mutex;
 using internal::MutexLock;
-using internal::MutexUnlock;
 
 namespace {
 
@@ -306,12 +305,13 @@ void KVCache::Impl::Shutdown() {
     s.busy = false;
   }
   {
-    MutexUnlock unlock(&mu);
+    mu.Unlock();
     if (pool) {
       (void)pool->DestroyIdle();
       pool.reset();
     }
     if (base != 0) (void)backend->Release(base, reserved_bytes);
+    mu.Lock();
   }
 }
 
@@ -338,10 +338,11 @@ absl::Status KVCache::Impl::WaitFencesLocked(Slot& s) {
   ++stats.fence_waits;
   absl::Status status;
   {
-    MutexUnlock unlock(&mu);
+    mu.Unlock();
     for (FenceId f : fences) {
       status.Update(backend->WaitFence(f));
     }
+    mu.Lock();
   }
   if (!status.ok()) return status;
   for (FenceId f : s.fences) (void)backend->ReleaseFence(f);
@@ -459,8 +460,9 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
     Extent extent;
     absl::Status status;
     {
-      MutexUnlock unlock(&mu);
+      mu.Unlock();
       status = MapExtent(slot, offset, preferred, minimum, &extent);
+      mu.Lock();
     }
     s.busy = false;
     state_cv.SignalAll();
@@ -509,8 +511,9 @@ absl::StatusOr<bool> KVCache::Impl::ReclaimOne() {
     Extent extent = std::move(s.extents.back());
     s.extents.pop_back();
     {
-      MutexUnlock unlock(&mu);
+      mu.Unlock();
       status = UnmapExtent(victim, extent);
+      mu.Lock();
     }
     if (!status.ok()) {
       s.extents.push_back(std::move(extent));
@@ -538,8 +541,9 @@ absl::Status KVCache::Impl::UnmapAllLocked(int slot) {
     s.extents.pop_back();
     absl::Status status;
     {
-      MutexUnlock unlock(&mu);
+      mu.Unlock();
       status = UnmapExtent(slot, extent);
+      mu.Lock();
     }
     if (!status.ok()) {
       s.extents.push_back(std::move(extent));
@@ -586,9 +590,10 @@ bool KVCache::Impl::WorkerMapAheadOnceLocked() {
   Extent extent;
   absl::Status status;
   {
-    MutexUnlock unlock(&mu);
+    mu.Unlock();
     status = MapExtent(best, offset, preferred,
                        RoundUp(deficit, granularity), &extent);
+    mu.Lock();
   }
   s.busy = false;
   state_cv.SignalAll();
@@ -621,9 +626,10 @@ void KVCache::Impl::WorkerLoop() {
               opts.pool_low_water) {
         absl::StatusOr<int> made;
         {
-          MutexUnlock unlock(&mu);
+          mu.Unlock();
           made = pool->Fill(static_cast<std::size_t>(max_extent),
                             opts.pool_high_water);
+          mu.Lock();
         }
         if (made.ok()) {
           stats.background_creates += *made;
@@ -715,12 +721,13 @@ absl::StatusOr<int> KVCache::AllocSlot(std::int64_t expected_tokens) {
       absl::Status status = m.WaitFencesLocked(s);
       const std::int64_t bytes = s.mapped;
       if (status.ok()) {
-        MutexUnlock unlock(&m.mu);
+        m.mu.Unlock();
         for (int r = 0; r < m.num_regions && status.ok(); ++r) {
           status = m.backend->Zero(
               static_cast<DevicePtr>(m.RegionAddress(best, r)),
               static_cast<std::size_t>(bytes));
         }
+        m.mu.Lock();
       }
       s.busy = false;
       m.state_cv.SignalAll();

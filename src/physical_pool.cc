@@ -9,7 +9,6 @@
 namespace vattn {
 
 using internal::MutexLock;
-using internal::MutexUnlock;
 
 PhysicalPool::PhysicalPool(std::shared_ptr<Backend> backend,
                            std::int64_t budget_bytes)
@@ -52,8 +51,9 @@ absl::StatusOr<bool> PhysicalPool::DestroyOneIdleLocked(std::size_t keep) {
   counters_.idle_bytes -= static_cast<std::int64_t>(victim_size);
   absl::Status status;
   {
-    MutexUnlock unlock(&mu_);
+    mu_.Unlock();
     status = backend_->Destroy(handle);
+    mu_.Lock();
   }
   if (!status.ok()) {
     idle_[victim_size].push_back(handle);
@@ -105,7 +105,7 @@ absl::StatusOr<std::vector<PhysicalHandle>> PhysicalPool::Acquire(
     std::vector<PhysicalHandle> created;
     absl::Status status;
     {
-      MutexUnlock unlock(&mu_);
+      mu_.Unlock();
       for (int i = 0; i < missing; ++i) {
         absl::StatusOr<PhysicalHandle> handle = backend_->Create(bytes);
         if (!handle.ok()) {
@@ -114,6 +114,7 @@ absl::StatusOr<std::vector<PhysicalHandle>> PhysicalPool::Acquire(
         }
         created.push_back(*handle);
       }
+      mu_.Lock();
     }
     pending_bytes_ -= need;
     const std::int64_t created_bytes =
@@ -164,7 +165,7 @@ absl::StatusOr<int> PhysicalPool::Fill(std::size_t bytes, int count) {
   std::vector<PhysicalHandle> created;
   absl::Status status;
   {
-    MutexUnlock unlock(&mu_);
+    mu_.Unlock();
     for (int i = 0; i < missing; ++i) {
       absl::StatusOr<PhysicalHandle> handle = backend_->Create(bytes);
       if (!handle.ok()) {
@@ -173,6 +174,7 @@ absl::StatusOr<int> PhysicalPool::Fill(std::size_t bytes, int count) {
       }
       created.push_back(*handle);
     }
+    mu_.Lock();
   }
   pending_bytes_ -= need;
   const std::int64_t created_bytes =

@@ -224,7 +224,14 @@ TEST(MapAheadTest, BudgetHoldsUnderPressureWhileTheThreadRuns) {
       CacheStats st = cache->Stats();
       ASSERT_LE(st.peak_physical_bytes,
                 static_cast<std::int64_t>(o.memory_budget_bytes));
-      ASSERT_EQ(st.physical_bytes, st.mapped_bytes + st.pooled_bytes);
+      // Handles the thread holds between the pool and a slot are in neither
+      // figure; once it is idle, every byte is one or the other.
+      ASSERT_GE(st.physical_bytes, st.mapped_bytes + st.pooled_bytes);
+      if (step % 100 == 0) {
+        VATTN_ASSERT_OK(cache->WaitForBackgroundIdle());
+        st = cache->Stats();
+        ASSERT_EQ(st.physical_bytes, st.mapped_bytes + st.pooled_bytes);
+      }
     }
     const CacheStats st = cache->Stats();
     // The budget really bound; token-major (2 KiB per token, extents of a

@@ -20,6 +20,9 @@
 
 namespace vattn::internal {
 
+// Code that must drop the lock around a slow call does so with an explicit
+// Unlock() / Lock() pair: Clang 14's analysis does not follow a scoped
+// "unlock" object.
 class ABSL_LOCKABLE Mutex {
  public:
   Mutex() = default;
@@ -44,20 +47,6 @@ class ABSL_SCOPED_LOCKABLE MutexLock {
   ~MutexLock() ABSL_UNLOCK_FUNCTION() { mu_->Unlock(); }
   MutexLock(const MutexLock&) = delete;
   MutexLock& operator=(const MutexLock&) = delete;
-
- private:
-  Mutex* const mu_;
-};
-
-// Releases a held lock for a scope (around a slow call) and takes it back.
-class ABSL_SCOPED_LOCKABLE MutexUnlock {
- public:
-  explicit MutexUnlock(Mutex* mu) ABSL_UNLOCK_FUNCTION(mu) : mu_(mu) {
-    mu_->Unlock();
-  }
-  ~MutexUnlock() ABSL_EXCLUSIVE_LOCK_FUNCTION() { mu_->Lock(); }
-  MutexUnlock(const MutexUnlock&) = delete;
-  MutexUnlock& operator=(const MutexUnlock&) = delete;
 
  private:
   Mutex* const mu_;
