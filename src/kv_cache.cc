@@ -172,14 +172,35 @@ struct KVCache::Impl {
     while (slots[slot].busy) state_cv.Wait(&mu);
   }
 
+  // ---- Public calls' bodies, under mu; *wake asks the caller to wake the
+  // thread once mu is dropped.
+  absl::StatusOr<int> AllocSlotLocked(std::int64_t expected_tokens,
+                                      bool* wake)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  absl::StatusOr<StepResult> StepLocked(absl::Span<const StepRequest> batch,
+                                        bool* wake)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+
   // ---- Background thread ------------------------------------------------------
   void WorkerLoop();
   // One unit of map-ahead work, if any is due: true when it did something.
   bool WorkerMapAheadOnceLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
-  void WakeWorkerLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    ++work_generation;
-    work_cv.Signal();
+  // True when the thread has look-ahead mapping to do for the slot.
+  bool NeedsMapAheadLocked(const Slot& s) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (!worker_running || opts.map_ahead_tokens <= 0 || !s.active) {
+      return false;
+    }
+    const std::int64_t want = std::min<std::int64_t>(
+        opts.max_tokens, std::max(s.length, s.hint) + opts.map_ahead_tokens);
+    return s.mapped < BytesFor(want);
   }
+  // Records new work for the thread; the caller then calls WakeWorker()
+  // after dropping mu, so the woken thread does not block on it at once.
+  void NoteWorkLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    ++work_generation;
+  }
+  void WakeWorker() { work_cv.Signal(); }
 
   // ---- Constant after construction ----------------------------------------
   const KVCacheOptions opts;
@@ -574,7 +595,9 @@ bool KVCache::Impl::WorkerMapAheadOnceLocked() {
         opts.max_tokens, std::max(s.length, s.hint) + opts.map_ahead_tokens);
     const std::int64_t target = BytesFor(want);
     if (s.mapped >= target) continue;
-    const std::int64_t margin = BackedTokens(s.mapped) - s.length;
+    // A new request's prompt (the hint) is needed at its first Step.
+    const std::int64_t margin =
+        BackedTokens(s.mapped) - std::max(s.length, s.hint);
     if (best < 0 || margin < best_margin) {
       best = i;
       best_margin = margin;
@@ -677,16 +700,27 @@ absl::StatusOr<std::unique_ptr<KVCache>> KVCache::Create(
 absl::StatusOr<int> KVCache::AllocSlot(std::int64_t expected_tokens) {
   Impl& m = *impl_;
   VATTN_RETURN_IF_ERROR(m.CheckTokens(expected_tokens));
-  MutexLock lock(&m.mu);
-  VATTN_RETURN_IF_ERROR(m.background_error);
-  const std::int64_t want = m.BytesFor(std::max<std::int64_t>(1, expected_tokens));
+  bool wake = false;
+  absl::StatusOr<int> slot;
+  {
+    MutexLock lock(&m.mu);
+    slot = m.AllocSlotLocked(expected_tokens, &wake);
+  }
+  if (wake) m.WakeWorker();
+  return slot;
+}
+
+absl::StatusOr<int> KVCache::Impl::AllocSlotLocked(
+    std::int64_t expected_tokens, bool* wake) {
+  VATTN_RETURN_IF_ERROR(background_error);
+  const std::int64_t want = BytesFor(std::max<std::int64_t>(1, expected_tokens));
   for (;;) {
     // Best fit: the idle slot with the least mapped memory that still covers
     // the hint; else the one with the most; fresh slots have none.
     int best = -1;
     bool any_busy = false;
-    for (int i = 0; i < static_cast<int>(m.slots.size()); ++i) {
-      const Impl::Slot& s = m.slots[i];
+    for (int i = 0; i < static_cast<int>(slots.size()); ++i) {
+      const Slot& s = slots[i];
       if (s.active) continue;
       if (s.busy) {
         any_busy = true;
@@ -697,7 +731,7 @@ absl::StatusOr<int> KVCache::AllocSlot(std::int64_t expected_tokens) {
         continue;
       }
       const std::int64_t have = s.mapped;
-      const std::int64_t best_have = m.slots[best].mapped;
+      const std::int64_t best_have = slots[best].mapped;
       const bool covers = have >= want;
       const bool best_covers = best_have >= want;
       if (covers != best_covers) {
@@ -708,38 +742,41 @@ absl::StatusOr<int> KVCache::AllocSlot(std::int64_t expected_tokens) {
     }
     if (best < 0) {
       if (any_busy) {
-        m.state_cv.Wait(&m.mu);
+        state_cv.Wait(&mu);
         continue;
       }
       return absl::ResourceExhaustedError(absl::StrFormat(
-          "all %d slots are active", m.opts.max_slots));
+          "all %d slots are active", opts.max_slots));
     }
-    Impl::Slot& s = m.slots[best];
-    if (s.mapped > 0) ++m.stats.reuse_hits;
-    if (m.opts.zero_on_reuse && s.used && s.mapped > 0) {
+    Slot& s = slots[best];
+    if (s.mapped > 0) ++stats.reuse_hits;
+    if (opts.zero_on_reuse && s.used && s.mapped > 0) {
       s.busy = true;
-      absl::Status status = m.WaitFencesLocked(s);
+      absl::Status status = WaitFencesLocked(s);
       const std::int64_t bytes = s.mapped;
       if (status.ok()) {
-        m.mu.Unlock();
-        for (int r = 0; r < m.num_regions && status.ok(); ++r) {
-          status = m.backend->Zero(
-              static_cast<DevicePtr>(m.RegionAddress(best, r)),
+        mu.Unlock();
+        for (int r = 0; r < num_regions && status.ok(); ++r) {
+          status = backend->Zero(
+              static_cast<DevicePtr>(RegionAddress(best, r)),
               static_cast<std::size_t>(bytes));
         }
-        m.mu.Lock();
+        mu.Lock();
       }
       s.busy = false;
-      m.state_cv.SignalAll();
+      state_cv.SignalAll();
       if (!status.ok()) return status;
-      m.stats.zeroed_bytes += bytes * m.num_regions;
+      stats.zeroed_bytes += bytes * num_regions;
     }
     s.active = true;
     s.used = false;
     s.length = 0;
     s.hint = expected_tokens;
-    m.PruneFencesLocked(s);
-    if (m.worker_running && expected_tokens > 0) m.WakeWorkerLocked();
+    PruneFencesLocked(s);
+    if (NeedsMapAheadLocked(s)) {
+      NoteWorkLocked();
+      *wake = true;
+    }
     return best;
   }
 }
@@ -748,15 +785,22 @@ absl::Status KVCache::Grow(int slot, std::int64_t tokens) {
   Impl& m = *impl_;
   VATTN_RETURN_IF_ERROR(m.CheckSlot(slot));
   VATTN_RETURN_IF_ERROR(m.CheckTokens(tokens));
-  MutexLock lock(&m.mu);
-  VATTN_RETURN_IF_ERROR(m.background_error);
-  VATTN_RETURN_IF_ERROR(m.CheckActiveLocked(slot));
-  ++m.stats.grow_calls;
-  VATTN_RETURN_IF_ERROR(m.EnsureBackedLocked(slot, tokens, nullptr));
-  Impl::Slot& s = m.slots[slot];
-  s.length = std::max(s.length, tokens);
-  s.used = true;
-  if (m.worker_running) m.WakeWorkerLocked();
+  bool wake = false;
+  {
+    MutexLock lock(&m.mu);
+    VATTN_RETURN_IF_ERROR(m.background_error);
+    VATTN_RETURN_IF_ERROR(m.CheckActiveLocked(slot));
+    ++m.stats.grow_calls;
+    VATTN_RETURN_IF_ERROR(m.EnsureBackedLocked(slot, tokens, nullptr));
+    Impl::Slot& s = m.slots[slot];
+    s.length = std::max(s.length, tokens);
+    s.used = true;
+    if (m.NeedsMapAheadLocked(s)) {
+      m.NoteWorkLocked();
+      wake = true;
+    }
+  }
+  if (wake) m.WakeWorker();
   return absl::OkStatus();
 }
 
@@ -809,34 +853,51 @@ absl::StatusOr<StepResult> KVCache::Step(absl::Span<const StepRequest> batch) {
     VATTN_RETURN_IF_ERROR(m.CheckSlot(r.slot));
     VATTN_RETURN_IF_ERROR(m.CheckTokens(r.tokens));
   }
-  StepResult result;
-  MutexLock lock(&m.mu);
-  VATTN_RETURN_IF_ERROR(m.background_error);
-  for (const StepRequest& r : batch) {
-    VATTN_RETURN_IF_ERROR(m.CheckActiveLocked(r.slot));
+  bool wake = false;
+  absl::StatusOr<StepResult> result;
+  {
+    MutexLock lock(&m.mu);
+    result = m.StepLocked(batch, &wake);
   }
-  ++m.stats.step_calls;
-  absl::Status status;
+  if (wake) m.WakeWorker();
+  return result;
+}
+
+absl::StatusOr<StepResult> KVCache::Impl::StepLocked(
+    absl::Span<const StepRequest> batch, bool* wake) {
+  VATTN_RETURN_IF_ERROR(background_error);
   for (const StepRequest& r : batch) {
-    Impl::Slot& s = m.slots[r.slot];
-    if (s.mapped < m.BytesFor(r.tokens)) {
+    VATTN_RETURN_IF_ERROR(CheckActiveLocked(r.slot));
+  }
+  ++stats.step_calls;
+  StepResult result;
+  absl::Status status;
+  bool more_work = false;
+  for (const StepRequest& r : batch) {
+    Slot& s = slots[r.slot];
+    if (s.mapped < BytesFor(r.tokens)) {
       // Slow path: the background thread is behind (or off).
       const std::int64_t start = NowNanos();
       bool mapped_here = false;
-      status = m.EnsureBackedLocked(r.slot, r.tokens, &mapped_here);
+      status = EnsureBackedLocked(r.slot, r.tokens, &mapped_here);
       const std::int64_t spent = NowNanos() - start;
       result.map_nanos += spent;
-      m.stats.step_map_nanos += spent;
+      stats.step_map_nanos += spent;
       if (mapped_here) {
         ++result.misses;
-        ++m.stats.step_misses;
+        ++stats.step_misses;
       }
       if (!status.ok()) break;
     }
     s.length = std::max(s.length, r.tokens);
     s.used = true;
+    more_work = more_work || NeedsMapAheadLocked(s);
   }
-  if (m.worker_running) m.WakeWorkerLocked();
+  // Misses took handles from the pool: let the thread refill it too.
+  if (worker_running && (more_work || result.misses > 0)) {
+    NoteWorkLocked();
+    *wake = true;
+  }
   if (!status.ok()) return status;
   return result;
 }
@@ -937,7 +998,8 @@ absl::Status KVCache::WaitForBackgroundIdle() {
   Impl& m = *impl_;
   MutexLock lock(&m.mu);
   if (!m.worker_running) return m.background_error;
-  m.WakeWorkerLocked();
+  m.NoteWorkLocked();
+  m.WakeWorker();
   const std::uint64_t target = m.work_generation;
   while (m.idle_generation < target && !m.shutting_down) {
     m.state_cv.Wait(&m.mu);
