@@ -86,6 +86,22 @@ absl::Status KVCacheOptions::Validate() const {
         "address space",
         total));
   }
+  // Byte sizes are converted to signed 64-bit arithmetic inside the cache; a
+  // value near SIZE_MAX (say, -1 meant as "unlimited") would wrap negative
+  // and, for prealloc_handle_bytes, round to a zero-byte handle size.
+  constexpr std::size_t kMaxBytes = std::size_t{1} << 60;
+  for (const auto& [field, value] :
+       {std::pair<const char*, std::size_t>{"memory_budget_bytes",
+                                            memory_budget_bytes},
+        {"min_extent_bytes", min_extent_bytes},
+        {"max_extent_bytes", max_extent_bytes},
+        {"prealloc_handle_bytes", prealloc_handle_bytes}}) {
+    if (value > kMaxBytes) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "KVCacheOptions.%s (%d) is beyond any address space (at most 2^60)",
+          field, value));
+    }
+  }
   if (max_extent_bytes != 0 && min_extent_bytes > max_extent_bytes) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "KVCacheOptions.min_extent_bytes (%d) exceeds max_extent_bytes (%d)",
