@@ -162,7 +162,8 @@ class VATTN_EXPORT Backend {
 
   // Data movement on mapped memory, for tests, examples and zero-on-reuse.
   // Every byte of the range must be mapped (InvalidArgument otherwise).
-  // Synchronous: the data is in place when the call returns.
+  // Synchronous: the data is in place when the call returns. While one runs,
+  // Unmap of a mapping it touches fails with FailedPrecondition.
   absl::Status Zero(DevicePtr va, std::size_t bytes);
   absl::Status CopyToDevice(DevicePtr dst, const void* src, std::size_t bytes);
   absl::Status CopyFromDevice(void* dst, DevicePtr src, std::size_t bytes);
@@ -210,7 +211,10 @@ class VATTN_EXPORT Backend {
   struct State;  // Live objects and counters; defined in backend.cc.
 
   absl::Status CheckSize(const char* what, std::size_t bytes) const;
-  absl::Status CheckMapped(DevicePtr va, std::size_t bytes) const;
+  // Data calls pin the mappings they touch so a racing Unmap fails with
+  // FailedPrecondition instead of pulling memory from under the copy.
+  absl::Status PinMapped(const char* what, DevicePtr va, std::size_t bytes);
+  void Unpin(DevicePtr va, std::size_t bytes);
   void CountFailure();
 
   // Constant after construction.

@@ -35,6 +35,7 @@ struct Backend::State {
     PhysicalHandle handle = kInvalidHandle;
     DevicePtr reservation = 0;
     bool busy = false;
+    int pins = 0;  // Data calls (Zero, copies) running on it.
   };
 
   // Finds the reservation holding [va, va + bytes), or nullptr.
@@ -42,10 +43,13 @@ struct Backend::State {
       DevicePtr va, std::size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   bool OverlapsMappingLocked(DevicePtr va, std::size_t bytes) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
-  // Null string when every byte of the range is mapped, else the first
-  // unmapped address.
+  // Nothing when every byte of the range is mapped (by mappings that are not
+  // being made or taken down), else the first address that is not.
   std::optional<DevicePtr> FirstUnmappedLocked(DevicePtr va,
                                                std::size_t bytes) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Adds `delta` to the pin count of every mapping overlapping the range.
+  void PinLocked(DevicePtr va, std::size_t bytes, int delta)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
 
   mutable internal::Mutex mu;
@@ -136,7 +140,7 @@ std::optional<DevicePtr> Backend::State::FirstUnmappedLocked(
   if (it != mappings.begin()) --it;
   while (cursor < end) {
     if (it == mappings.end() || it->first > cursor ||
-        it->first + it->second.bytes <= cursor) {
+        it->first + it->second.bytes <= cursor || it->second.busy) {
       return cursor;
     }
     cursor = it->first + it->second.bytes;
@@ -145,16 +149,34 @@ std::optional<DevicePtr> Backend::State::FirstUnmappedLocked(
   return std::nullopt;
 }
 
-absl::Status Backend::CheckMapped(DevicePtr va, std::size_t bytes) const {
+void Backend::State::PinLocked(DevicePtr va, std::size_t bytes, int delta) {
+  auto it = mappings.upper_bound(va);
+  if (it != mappings.begin()) --it;
+  for (; it != mappings.end() && it->first < va + bytes; ++it) {
+    if (it->first + it->second.bytes > va) it->second.pins += delta;
+  }
+}
+
+absl::Status Backend::PinMapped(const char* what, DevicePtr va,
+                                std::size_t bytes) {
   std::optional<DevicePtr> hole;
   {
     MutexLock lock(&state_->mu);
     hole = state_->FirstUnmappedLocked(va, bytes);
+    if (!hole.has_value()) {
+      state_->PinLocked(va, bytes, +1);
+      return absl::OkStatus();
+    }
+    ++state_->counters.failed_calls;
   }
-  if (!hole.has_value()) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrFormat(
-      "address 0x%x (of range 0x%x + %d) is not mapped (backend %s)", *hole,
-      va, bytes, caps_.name));
+      "%s: address 0x%x (of range 0x%x + %d) is not mapped (backend %s)",
+      what, *hole, va, bytes, caps_.name));
+}
+
+void Backend::Unpin(DevicePtr va, std::size_t bytes) {
+  MutexLock lock(&state_->mu);
+  state_->PinLocked(va, bytes, -1);
 }
 
 absl::StatusOr<DevicePtr> Backend::Reserve(std::size_t bytes) {
@@ -346,7 +368,7 @@ absl::Status Backend::Unmap(DevicePtr va, std::size_t bytes) {
           "Unmap: 0x%x + %d is not exactly one mapping (backend %s)", va,
           bytes, caps_.name));
     }
-    if (it->second.busy) {
+    if (it->second.busy || it->second.pins > 0) {
       ++state_->counters.failed_calls;
       return absl::FailedPreconditionError(absl::StrFormat(
           "Unmap: mapping 0x%x is busy in another call (backend %s)", va,
@@ -372,20 +394,29 @@ absl::Status Backend::Unmap(DevicePtr va, std::size_t bytes) {
 }
 
 absl::Status Backend::Zero(DevicePtr va, std::size_t bytes) {
-  VATTN_RETURN_IF_ERROR(CheckMapped(va, bytes));
-  return DoZero(va, bytes);
+  VATTN_RETURN_IF_ERROR(PinMapped("Zero", va, bytes));
+  absl::Status status = DoZero(va, bytes);
+  Unpin(va, bytes);
+  if (!status.ok()) CountFailure();
+  return status;
 }
 
 absl::Status Backend::CopyToDevice(DevicePtr dst, const void* src,
                                    std::size_t bytes) {
-  VATTN_RETURN_IF_ERROR(CheckMapped(dst, bytes));
-  return DoCopyToDevice(dst, src, bytes);
+  VATTN_RETURN_IF_ERROR(PinMapped("CopyToDevice", dst, bytes));
+  absl::Status status = DoCopyToDevice(dst, src, bytes);
+  Unpin(dst, bytes);
+  if (!status.ok()) CountFailure();
+  return status;
 }
 
 absl::Status Backend::CopyFromDevice(void* dst, DevicePtr src,
                                      std::size_t bytes) {
-  VATTN_RETURN_IF_ERROR(CheckMapped(src, bytes));
-  return DoCopyFromDevice(dst, src, bytes);
+  VATTN_RETURN_IF_ERROR(PinMapped("CopyFromDevice", src, bytes));
+  absl::Status status = DoCopyFromDevice(dst, src, bytes);
+  Unpin(src, bytes);
+  if (!status.ok()) CountFailure();
+  return status;
 }
 
 absl::StatusOr<FenceId> Backend::RecordFence(Stream stream) {

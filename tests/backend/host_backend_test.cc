@@ -266,5 +266,51 @@ TEST(HostBackendTest, OneFileDescriptorForAnyNumberOfHandles) {
   EXPECT_EQ(CountFds(), fds_before_backend);
 }
 
+// A copy pins the mappings it touches: an Unmap racing it either fails with
+// FailedPrecondition or wins before the copy starts (which then fails with
+// InvalidArgument). Never a fault on memory pulled from under the copy.
+TEST(HostBackendTest, UnmapRacingACopyNeverPullsMemoryFromUnderIt) {
+  auto backend = MakeHostBackend();
+  ASSERT_TRUE(backend.ok());
+  Backend& b = **backend;
+  const std::size_t bytes = std::size_t{16} << 20;
+  VATTN_ASSERT_OK_AND_ASSIGN(DevicePtr va, b.Reserve(bytes));
+  VATTN_ASSERT_OK_AND_ASSIGN(PhysicalHandle h, b.Create(bytes));
+  std::vector<char> buffer(bytes, 7);
+  int unmap_refused = 0;
+  int copy_refused = 0;
+  for (int round = 0; round < 100; ++round) {
+    VATTN_ASSERT_OK(b.Map(va, h));
+    std::atomic<bool> started{false};
+    absl::Status copy;
+    std::thread copier([&] {
+      started.store(true);
+      copy = b.CopyToDevice(va, buffer.data(), bytes);
+    });
+    // Unmap just as the copy starts: mostly mid-copy.
+    while (!started.load()) {
+    }
+    absl::Status unmap = b.Unmap(va, bytes);
+    copier.join();
+    if (unmap.ok()) {
+      // The Unmap won: the copy must have been refused, not faulted.
+      if (!copy.ok()) {
+        EXPECT_EQ(copy.code(), absl::StatusCode::kInvalidArgument) << copy;
+        ++copy_refused;
+      }
+    } else {
+      EXPECT_EQ(unmap.code(), absl::StatusCode::kFailedPrecondition) << unmap;
+      VATTN_ASSERT_OK(copy);
+      ++unmap_refused;
+      VATTN_ASSERT_OK(b.Unmap(va, bytes));
+    }
+  }
+  // Both orders happen; the point is that neither faults.
+  EXPECT_GT(unmap_refused, 0);
+  VATTN_ASSERT_OK(b.Destroy(h));
+  VATTN_ASSERT_OK(b.Release(va, bytes));
+  EXPECT_TRUE(b.counters().Empty());
+}
+
 }  // namespace
 }  // namespace vattn
