@@ -36,8 +36,10 @@ TSAN_FLAGS = -G "$(GENERATOR)" -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) \
              $(CMAKE_FLAGS)
 TSAN_OPTIONS_RUN ?= halt_on_error=1 second_deadlock_stack=1
 # Clang 14's TSan cannot map its shadow memory when the kernel randomizes
-# mmap with more than 28 bits; run without ASLR there.
-TSAN_LAUNCH := $(shell [ "$$(cat /proc/sys/vm/mmap_rnd_bits 2>/dev/null || echo 28)" -gt 28 ] && echo "setarch $$(uname -m) -R")
+# mmap with more than 28 bits; run without ASLR there (when allowed).
+TSAN_LAUNCH := $(shell [ "$$(cat /proc/sys/vm/mmap_rnd_bits 2>/dev/null || echo 28)" -gt 28 ] && \
+                 setarch "$$(uname -m)" -R true 2>/dev/null && \
+                 echo "setarch $$(uname -m) -R")
 
 .PHONY: demo test setup configure build test-main configure-tsan test-tsan \
         install clean
