@@ -64,6 +64,9 @@ struct KVCache::Impl {
     bool active = false;
     // A thread is mapping or unmapping this slot's extents without the lock.
     bool busy = false;
+    // The busy thread is mapping a new extent (it may itself be waiting for
+    // memory, so reclamation must not wait for it).
+    bool mapping = false;
     std::int64_t length = 0;   // Logical tokens.
     std::int64_t hint = 0;     // AllocSlot's expected_tokens.
     std::int64_t mapped = 0;   // Bytes mapped per region (sum of extents).
@@ -152,14 +155,17 @@ struct KVCache::Impl {
       ABSL_LOCKS_EXCLUDED(mu);
   // Handles for one extent, reclaiming idle slots' memory when the budget is
   // short. mu is not held.
+  // Without `reclaim`, only the pool and the budget's headroom are used.
   absl::StatusOr<std::vector<PhysicalHandle>> AcquireHandles(
-      std::int64_t bytes) ABSL_LOCKS_EXCLUDED(mu);
+      std::int64_t bytes, bool reclaim) ABSL_LOCKS_EXCLUDED(mu);
   // Unmaps an extent's handles at `offset` of the slot's regions; on error
   // maps back what it unmapped. mu is not held.
   absl::Status UnmapExtent(int slot, const Extent& extent)
       ABSL_LOCKS_EXCLUDED(mu);
   // Takes the last extent of the least recently freed idle slot back into
-  // the pool. False when no idle slot holds memory.
+  // the pool. False when no idle slot holds memory. Waits for an idle slot
+  // another thread is unmapping or zeroing (never for one being mapped: that
+  // thread may itself be waiting for memory).
   absl::StatusOr<bool> ReclaimOne() ABSL_LOCKS_EXCLUDED(mu);
   // Waits for (and releases) the slot's fences. The slot is busy; drops mu.
   absl::Status WaitFencesLocked(Slot& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
@@ -216,6 +222,9 @@ struct KVCache::Impl {
   std::size_t reserved_bytes = 0;
   std::unique_ptr<PhysicalPool> pool;
   std::thread worker;
+  // Driver calls this cache made, counted where they happen (without mu).
+  std::atomic<std::int64_t> map_calls{0};
+  std::atomic<std::int64_t> unmap_calls{0};
 
   // ---- Guarded by mu ----------------------------------------------------------
   mutable Mutex mu;
@@ -296,6 +305,12 @@ absl::Status KVCache::Impl::Init() {
             ? min_extent
             : RoundUp(static_cast<std::int64_t>(opts.prealloc_handle_bytes),
                       granularity);
+    if (size * opts.prealloc_handles > budget) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "KVCacheOptions.prealloc_handles: %d handles of %d bytes exceed "
+          "the %d-byte budget",
+          opts.prealloc_handles, size, budget));
+    }
     absl::StatusOr<int> made =
         pool->Fill(static_cast<std::size_t>(size), opts.prealloc_handles);
     if (!made.ok()) return made.status();
@@ -375,11 +390,11 @@ absl::Status KVCache::Impl::WaitFencesLocked(Slot& s) {
 // Mapping and reclamation.
 
 absl::StatusOr<std::vector<PhysicalHandle>> KVCache::Impl::AcquireHandles(
-    std::int64_t bytes) {
+    std::int64_t bytes, bool reclaim) {
   for (;;) {
     absl::StatusOr<std::vector<PhysicalHandle>> handles =
         pool->Acquire(static_cast<std::size_t>(bytes), num_regions);
-    if (handles.ok() ||
+    if (handles.ok() || !reclaim ||
         handles.status().code() != absl::StatusCode::kResourceExhausted) {
       return handles;
     }
@@ -395,12 +410,14 @@ absl::Status KVCache::Impl::UnmapExtent(int slot, const Extent& extent) {
         static_cast<DevicePtr>(RegionAddress(slot, r) + extent.offset);
     absl::Status status =
         backend->Unmap(va, static_cast<std::size_t>(extent.bytes));
+    if (status.ok()) unmap_calls.fetch_add(1, std::memory_order_relaxed);
     if (!status.ok()) {
       // Put back what this call unmapped so the extent stays whole.
       for (int back = 0; back < r; ++back) {
         const DevicePtr bva =
             static_cast<DevicePtr>(RegionAddress(slot, back) + extent.offset);
         absl::Status remap = backend->Map(bva, extent.handles[back]);
+        if (remap.ok()) map_calls.fetch_add(1, std::memory_order_relaxed);
         if (!remap.ok()) {
           return absl::InternalError(absl::StrFormat(
               "slot %d: unmapping an extent failed (%s) and mapping back "
@@ -417,12 +434,15 @@ absl::Status KVCache::Impl::UnmapExtent(int slot, const Extent& extent) {
 absl::Status KVCache::Impl::MapExtent(int slot, std::int64_t offset,
                                       std::int64_t preferred,
                                       std::int64_t minimum, Extent* extent) {
+  // The growth extent only if it fits without taking memory from idle
+  // slots; under pressure, exactly what is needed, reclaiming for it.
   std::int64_t bytes = preferred;
-  absl::StatusOr<std::vector<PhysicalHandle>> handles = AcquireHandles(bytes);
+  absl::StatusOr<std::vector<PhysicalHandle>> handles =
+      AcquireHandles(bytes, /*reclaim=*/minimum == preferred);
   if (!handles.ok() && minimum < preferred &&
       handles.status().code() == absl::StatusCode::kResourceExhausted) {
     bytes = minimum;
-    handles = AcquireHandles(bytes);
+    handles = AcquireHandles(bytes, /*reclaim=*/true);
   }
   if (!handles.ok()) {
     return absl::Status(
@@ -440,6 +460,7 @@ absl::Status KVCache::Impl::MapExtent(int slot, std::int64_t offset,
         static_cast<DevicePtr>(RegionAddress(slot, mapped) + offset);
     status = backend->Map(va, extent->handles[mapped]);
     if (!status.ok()) break;
+    map_calls.fetch_add(1, std::memory_order_relaxed);
   }
   if (status.ok() && opts.zero_on_reuse) {
     for (int r = 0; r < num_regions && status.ok(); ++r) {
@@ -450,9 +471,12 @@ absl::Status KVCache::Impl::MapExtent(int slot, std::int64_t offset,
   }
   if (!status.ok()) {
     for (int r = 0; r < mapped; ++r) {
-      (void)backend->Unmap(
-          static_cast<DevicePtr>(RegionAddress(slot, r) + offset),
-          static_cast<std::size_t>(bytes));
+      if (backend
+              ->Unmap(static_cast<DevicePtr>(RegionAddress(slot, r) + offset),
+                      static_cast<std::size_t>(bytes))
+              .ok()) {
+        unmap_calls.fetch_add(1, std::memory_order_relaxed);
+      }
     }
     pool->Release(std::move(*handles), static_cast<std::size_t>(bytes));
     return status;
@@ -465,12 +489,14 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
   Slot& s = slots[slot];
   const std::int64_t need = BytesFor(tokens);
   while (s.mapped < need) {
+    // The lock is dropped below: another thread may free the slot meanwhile.
+    if (!s.active) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "slot %d was freed by another thread while it was being grown",
+          slot));
+    }
     if (s.busy) {
       state_cv.Wait(&mu);
-      if (!s.active) {
-        return absl::FailedPreconditionError(absl::StrFormat(
-            "slot %d was freed while waiting for it to be mapped", slot));
-      }
       continue;
     }
     const std::int64_t offset = s.mapped;
@@ -478,6 +504,7 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
     const std::int64_t preferred = ExtentSize(offset, deficit);
     const std::int64_t minimum = RoundUp(deficit, granularity);
     s.busy = true;
+    s.mapping = true;
     Extent extent;
     absl::Status status;
     {
@@ -486,13 +513,17 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
       mu.Lock();
     }
     s.busy = false;
+    s.mapping = false;
     state_cv.SignalAll();
     if (!status.ok()) return status;
     s.mapped += extent.bytes;
     s.extents.push_back(std::move(extent));
-    stats.map_calls += num_regions;
     ++stats.extents_mapped;
     if (mapped_here != nullptr) *mapped_here = true;
+  }
+  if (!s.active) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "slot %d was freed by another thread while it was being grown", slot));
   }
   return absl::OkStatus();
 }
@@ -504,9 +535,14 @@ absl::StatusOr<bool> KVCache::Impl::ReclaimOne() {
     // have completed so reclamation does not wait on the GPU.
     int ready = -1;
     int oldest = -1;
+    bool others_unmapping = false;
     for (int i = 0; i < static_cast<int>(slots.size()); ++i) {
       Slot& s = slots[i];
-      if (s.active || s.busy || s.extents.empty()) continue;
+      if (s.active || s.extents.empty()) continue;
+      if (s.busy) {
+        others_unmapping = others_unmapping || !s.mapping;
+        continue;
+      }
       if (oldest < 0 || s.freed_seq < slots[oldest].freed_seq) oldest = i;
       PruneFencesLocked(s);
       if (s.fences.empty() &&
@@ -515,7 +551,13 @@ absl::StatusOr<bool> KVCache::Impl::ReclaimOne() {
       }
     }
     const int victim = ready >= 0 ? ready : oldest;
-    if (victim < 0) return false;
+    if (victim < 0) {
+      // Memory another thread is taking back (or zeroing) will be free in a
+      // moment: wait for it rather than fail.
+      if (!others_unmapping) return false;
+      state_cv.Wait(&mu);
+      continue;
+    }
     Slot& s = slots[victim];
     s.busy = true;
     absl::Status status = WaitFencesLocked(s);
@@ -543,7 +585,6 @@ absl::StatusOr<bool> KVCache::Impl::ReclaimOne() {
       return status;
     }
     s.mapped -= extent.bytes;
-    stats.unmap_calls += num_regions;
     stats.reclaimed_bytes += extent.bytes * num_regions;
     ++stats.reclaimed_extents;
     std::vector<PhysicalHandle> handles(extent.handles.begin(),
@@ -571,7 +612,6 @@ absl::Status KVCache::Impl::UnmapAllLocked(int slot) {
       return status;
     }
     s.mapped -= extent.bytes;
-    stats.unmap_calls += num_regions;
     std::vector<PhysicalHandle> handles(extent.handles.begin(),
                                         extent.handles.end());
     pool->Release(std::move(handles), static_cast<std::size_t>(extent.bytes));
@@ -610,6 +650,7 @@ bool KVCache::Impl::WorkerMapAheadOnceLocked() {
   const std::int64_t deficit = best_target - offset;
   const std::int64_t preferred = ExtentSize(offset, deficit);
   s.busy = true;
+  s.mapping = true;
   Extent extent;
   absl::Status status;
   {
@@ -619,11 +660,11 @@ bool KVCache::Impl::WorkerMapAheadOnceLocked() {
     mu.Lock();
   }
   s.busy = false;
+  s.mapping = false;
   state_cv.SignalAll();
   if (status.ok()) {
     s.mapped += extent.bytes;
     s.extents.push_back(std::move(extent));
-    stats.map_calls += num_regions;
     ++stats.extents_mapped;
     ++stats.background_extents;
     return true;
@@ -749,7 +790,6 @@ absl::StatusOr<int> KVCache::Impl::AllocSlotLocked(
           "all %d slots are active", opts.max_slots));
     }
     Slot& s = slots[best];
-    if (s.mapped > 0) ++stats.reuse_hits;
     if (opts.zero_on_reuse && s.used && s.mapped > 0) {
       s.busy = true;
       absl::Status status = WaitFencesLocked(s);
@@ -768,6 +808,7 @@ absl::StatusOr<int> KVCache::Impl::AllocSlotLocked(
       if (!status.ok()) return status;
       stats.zeroed_bytes += bytes * num_regions;
     }
+    if (s.mapped > 0) ++stats.reuse_hits;
     s.active = true;
     s.used = false;
     s.length = 0;
@@ -966,6 +1007,8 @@ CacheStats KVCache::Stats() const {
   out.pooled_bytes = pool.idle_bytes;
   out.peak_physical_bytes = pool.peak_physical_bytes;
   out.create_calls = pool.create_calls;
+  out.map_calls = m.map_calls.load(std::memory_order_relaxed);
+  out.unmap_calls = m.unmap_calls.load(std::memory_order_relaxed);
   out.destroy_calls = pool.destroy_calls;
   return out;
 }

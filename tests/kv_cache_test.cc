@@ -1293,17 +1293,29 @@ TEST_P(KVCacheTest, PreallocatedHandlesServeTheFirstGrow) {
   EXPECT_TRUE(Consistent(*cache_));
 }
 
-TEST_P(KVCacheTest, PreallocationDefaultsToOneGranuleAndFitsTheBudget) {
+TEST_P(KVCacheTest, PreallocationDefaultsToOneGranuleAndMustFitTheBudget) {
   const Geometry g = geo();
   KVCacheOptions o = Options(2);
-  o.prealloc_handles = 1000;  // More than the budget holds.
   o.memory_budget_bytes = static_cast<std::size_t>(3 * kGran * g.regions);
+  // More handles than the budget holds: refused up front, naming the field,
+  // rather than silently cut short.
+  o.prealloc_handles = 1000;
+  std::shared_ptr<Backend> host = MustHost();
+  ASSERT_NE(host, nullptr);
+  auto refused = KVCache::Create(o, host);
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("prealloc_handles"),
+            std::string::npos)
+      << refused.status();
+  EXPECT_TRUE(host->counters().Empty());
+  // Exactly what fits: one granule each.
+  o.prealloc_handles = static_cast<int>(3 * g.regions);
   ASSERT_NO_FATAL_FAILURE(Make(o));
   const CacheStats st = cache_->Stats();
-  EXPECT_LE(st.physical_bytes, st.budget_bytes);
+  EXPECT_EQ(st.physical_bytes, st.budget_bytes);
   EXPECT_EQ(st.pooled_bytes, st.physical_bytes);
   EXPECT_EQ(st.pooled_bytes, st.create_calls * kGran);
-  EXPECT_GT(st.create_calls, 0);
+  EXPECT_EQ(st.create_calls, 3 * g.regions);
   EXPECT_TRUE(Consistent(*cache_));
 }
 
@@ -1320,7 +1332,7 @@ TEST_P(KVCacheTest, DestroyGivesEverythingBack) {
     ASSERT_NE(backend, nullptr);
     KVCacheOptions o = Options(3);
     o.max_tokens = std::max<std::int64_t>(shape().max_tokens, 4 * p);
-    o.prealloc_handles = scenario == 3 ? 5 : 0;
+    o.prealloc_handles = scenario == 3 ? static_cast<int>(g.regions) : 0;
     o.defer_reclaim = scenario != 2;
     o.memory_budget_bytes =
         static_cast<std::size_t>(2 * g.Extent(p) * g.regions);
@@ -1771,6 +1783,41 @@ INSTANTIATE_TEST_SUITE_P(Host, KVCacheThreadTest,
                                                   ? "TokenMajor"
                                                   : "LayerMajor");
                          });
+
+// A growth extent larger than needed is speculative: it must not take memory
+// from idle slots. Under pressure the Grow maps exactly what it needs and the
+// idle slot keeps its extent for the next request.
+TEST(KVCachePolicyTest, GrowthExtentNeverEvictsIdleSlots) {
+  HostBackendOptions host_opts;
+  auto host = MakeHostBackend(host_opts);
+  ASSERT_TRUE(host.ok());
+  KVCacheOptions o;
+  o.num_layers = 1;
+  o.num_kv_heads = 8;
+  o.head_dim = 128;  // 4 KiB per token: a 2 MiB granule holds 512 tokens.
+  o.max_slots = 2;
+  o.max_tokens = 4096;
+  o.memory_budget_bytes = std::size_t{8} << 20;  // 4 granules.
+  VATTN_ASSERT_OK_AND_ASSIGN(auto cache, KVCache::Create(o, *host));
+  VATTN_ASSERT_OK_AND_ASSIGN(int a, cache->AllocSlot(512));
+  VATTN_ASSERT_OK(cache->Grow(a, 512));
+  VATTN_ASSERT_OK_AND_ASSIGN(int b, cache->AllocSlot(0));
+  VATTN_ASSERT_OK(cache->Free(a));  // Idle, holding 2 MiB.
+  VATTN_ASSERT_OK(cache->Grow(b, 1024));  // One 4 MiB extent.
+  // Decode growth would prefer a 4 MiB extent; only 2 MiB fit without
+  // touching slot a.
+  VATTN_ASSERT_OK(cache->Grow(b, 1025));
+  VATTN_ASSERT_OK_AND_ASSIGN(SlotInfo idle, cache->GetSlot(a));
+  EXPECT_EQ(idle.mapped_bytes, std::int64_t{2} << 20);
+  VATTN_ASSERT_OK_AND_ASSIGN(SlotInfo grown, cache->GetSlot(b));
+  EXPECT_EQ(grown.mapped_bytes, std::int64_t{6} << 20);
+  EXPECT_EQ(cache->Stats().reclaimed_extents, 0);
+  // When the memory really is needed, the idle slot gives it up.
+  VATTN_ASSERT_OK(cache->Grow(b, 1537));
+  VATTN_ASSERT_OK_AND_ASSIGN(idle, cache->GetSlot(a));
+  EXPECT_EQ(idle.mapped_bytes, 0);
+  EXPECT_EQ(cache->Stats().reclaimed_extents, 1);
+}
 
 }  // namespace
 }  // namespace vattn
