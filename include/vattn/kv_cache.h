@@ -113,7 +113,10 @@ class VATTN_EXPORT KVCache {
   // Ends the slot's request. Its memory stays mapped (unless defer_reclaim is
   // off) for the next request placed there. With a fence stream, a fence is
   // recorded on it and the slot's memory is never unmapped before the work
-  // queued there has finished. InvalidArgument: bad slot.
+  // queued there has finished. With defer_reclaim off, Free unmaps the
+  // slot's extents at once (waiting for the fence first); if an unmap fails
+  // the slot is freed all the same, the error is returned, and the memory
+  // stays mapped until it is reclaimed. InvalidArgument: bad slot.
   // FailedPrecondition: the slot is not active (double Free).
   absl::Status Free(int slot, std::optional<Stream> fence = std::nullopt);
 

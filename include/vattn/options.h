@@ -98,7 +98,10 @@ struct KVCacheOptions {
   int pool_low_water = 0;
   int pool_high_water = 0;
 
-  // InvalidArgument naming the first bad field.
+  // InvalidArgument naming the first bad field: a non-positive shape field,
+  // an enum value outside its type, a byte size above 2^60, products that
+  // overflow the address space, min_extent_bytes above max_extent_bytes,
+  // negative counts, or pool_low_water above pool_high_water.
   absl::Status Validate() const;
 };
 
