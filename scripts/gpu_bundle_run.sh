@@ -7,8 +7,9 @@
 # Runs every binary listed in gpu_tests.txt and every *_gpu_test beside this
 # script, each with --gtest_output=json into $OUT (when set) or bundle/results.
 # Prints one row per test case (test, passed/failed/skipped, time) and a row
-# per binary, then nvidia-smi's GPU name line. Exits non-zero when any test
-# failed or any binary crashed. Needs only bash, coreutils, grep and awk.
+# per binary, then runs map_bench --backends=host,cuda (JSON into the same
+# place; VATTN_SKIP_MAP_BENCH=1 skips it) and prints nvidia-smi's GPU name
+# line. Exits non-zero when any test failed or any binary crashed. Needs only bash, coreutils, grep and awk.
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -95,6 +96,29 @@ for t in "${tests[@]}"; do
     tail -5 "$log" | sed 's/^/   | /'
   fi
 done
+
+# The map path against the driver's floor: map_bench on CUDA, with the Host
+# figures in the same run (ratios are within one backend), JSON into
+# $RESULTS. Takes well under a minute on an H100/H200; capped by
+# MAP_BENCH_TIMEOUT (default 240 s) so the whole run stays under five minutes.
+if [[ -x "$HERE/map_bench" && "${VATTN_SKIP_MAP_BENCH:-}" != 1 ]]; then
+  echo
+  echo "== map_bench --backends=host,cuda (JSON: $RESULTS/map_bench.json)"
+  start=$(date +%s.%N)
+  timeout "${MAP_BENCH_TIMEOUT:-240}" "$HERE/map_bench" --backends=host,cuda \
+    --benchmark_out="$RESULTS/map_bench.json" --benchmark_out_format=json \
+    >"$RESULTS/map_bench.log" 2>&1
+  rc=$?
+  secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN {printf "%.2f", e - s}')
+  # Raw calls (benchmark, median us), the summary tables (library vs raw,
+  # with the ratio column) and any error.
+  awk '/^Raw\// {p50 = ""; for (i = 1; i <= NF; i++) if ($i ~ /^p50_us=/) p50 = substr($i, 8);
+       printf "%-44s p50 %s us\n", $1, p50}' "$RESULTS/map_bench.log"
+  sed -n '/^Library path vs raw/,$p' "$RESULTS/map_bench.log"
+  grep -m3 'ERROR OCCURRED' "$RESULTS/map_bench.log" | sed 's/^/   | /'
+  if ((rc != 0)); then status=1; fi
+  summary+=("$(printf '%-34s %6s %6s %7s %8ss  rc=%d' map_bench - - - "$secs" "$rc")")
+fi
 
 echo
 echo "== summary"
