@@ -21,7 +21,7 @@ CTEST          ?= ctest
 PREFIX         ?= /usr/local
 
 # The main job: an example target (examples/<name>.cc) and its arguments.
-DEMO      ?= reserve_demo
+DEMO      ?= batch_decode
 DEMO_ARGS ?=
 
 # Main build: the default compiler, warnings as errors, everything built.

@@ -47,6 +47,10 @@ cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja \
   -DCMAKE_EXE_LINKER_FLAGS=-Wl,--disable-new-dtags
 log "building with -j$JOBS"
 cmake --build "$BUILD_DIR" -j "$JOBS"
+# batch_decode and attention_gpu_test are only worth shipping with their
+# CUDA kernels (examples/decode/cuda_attention.cu, built when nvcc is found).
+[[ -n "$(find "$BUILD_DIR/examples/decode" -name 'cuda_attention.cu.o' 2>/dev/null)" ]] ||
+  die "the decode example's CUDA kernels were not built (is nvcc on PATH or CUDACXX set?)"
 
 # ---- Collect executables -----------------------------------------------------
 is_elf_executable() {

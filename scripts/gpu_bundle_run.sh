@@ -8,8 +8,9 @@
 # script, each with --gtest_output=json into $OUT (when set) or bundle/results.
 # Prints one row per test case (test, passed/failed/skipped, time) and a row
 # per binary, then runs map_bench --backends=host,cuda (JSON into the same
-# place; VATTN_SKIP_MAP_BENCH=1 skips it) and prints nvidia-smi's GPU name
-# line. Exits non-zero when any test failed or any binary crashed. Needs only bash, coreutils, grep and awk.
+# place; VATTN_SKIP_MAP_BENCH=1 skips it) and batch_decode --compare-paged
+# at batch 32 (contexts up to 16k) and 256 (VATTN_SKIP_BATCH_DECODE=1 skips
+# them), and prints nvidia-smi's GPU name line. Exits non-zero when any test failed or any binary crashed. Needs only bash, coreutils, grep and awk.
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -118,6 +119,33 @@ if [[ -x "$HERE/map_bench" && "${VATTN_SKIP_MAP_BENCH:-}" != 1 ]]; then
   grep -m3 'ERROR OCCURRED' "$RESULTS/map_bench.log" | sed 's/^/   | /'
   if ((rc != 0)); then status=1; fi
   summary+=("$(printf '%-34s %6s %6s %7s %8ss  rc=%d' map_bench - - - "$secs" "$rc")")
+fi
+
+# The main job on the GPU: batch_decode, vattn against the paged baseline on
+# the same requests (Llama-3-8B shape, fp16), with attention outputs checked
+# against the float64 reference: batch 32 with contexts up to 16k, and
+# batch 256. JSON summaries into $RESULTS. About a minute in all on an
+# H100/H200; each run capped by BATCH_DECODE_TIMEOUT (default 180 s);
+# VATTN_SKIP_BATCH_DECODE=1 skips them.
+if [[ -x "$HERE/batch_decode" && "${VATTN_SKIP_BATCH_DECODE:-}" != 1 ]]; then
+  run_batch_decode() {  # name, flags...
+    local name="$1"; shift
+    echo
+    echo "== batch_decode $* (JSON: $RESULTS/$name.json)"
+    local start rc secs
+    start=$(date +%s.%N)
+    timeout "${BATCH_DECODE_TIMEOUT:-180}" "$HERE/batch_decode" --backend=cuda --no-progress \
+      --compare-paged --json="$RESULTS/$name.json" "$@" >"$RESULTS/$name.log" 2>&1
+    rc=$?
+    secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN {printf "%.2f", e - s}')
+    cat "$RESULTS/$name.log"
+    if ((rc != 0)); then status=1; fi
+    summary+=("$(printf '%-34s %6s %6s %7s %8ss  rc=%d' "$name" - - - "$secs" "$rc")")
+  }
+  run_batch_decode batch_decode_llama3_8b_b32_16k --model=llama3-8b --max_slots=32 \
+    --max_tokens=16384 --requests=64 --prompt=1024:15360 --output=32:128 --check=4
+  run_batch_decode batch_decode_llama3_8b_b256 --model=llama3-8b --max_slots=256 \
+    --max_tokens=4096 --requests=512 --prompt=128:2048 --output=64:256 --check=4
 fi
 
 echo
