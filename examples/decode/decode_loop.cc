@@ -398,7 +398,6 @@ class PagedStore final : public KvStore {
         kv_heads_(c.shape.kv_heads),
         head_dim_(c.shape.head_dim),
         max_blocks_(static_cast<int>((c.max_tokens + kBlockTokens - 1) / kBlockTokens)),
-        num_blocks_(num_blocks),
         tensor_elems_(num_blocks * kBlockTokens * c.shape.kv_heads *
                       c.shape.head_dim),
         pool_bytes_(tensor_elems_ * 2 * c.shape.layers *
@@ -425,7 +424,6 @@ class PagedStore final : public KvStore {
   const int kv_heads_;
   const int head_dim_;
   const int max_blocks_;
-  const std::int64_t num_blocks_;
   const std::int64_t tensor_elems_;  // Elements of one layer's K (or V).
   const std::int64_t pool_bytes_;
   BlockAllocator allocator_;
