@@ -49,6 +49,39 @@ std::int64_t NowNanos() {
       .count();
 }
 
+// A slot field that Step's fast path reads without the cache lock. Writers
+// hold the lock (Step also raises its own slots' lengths without it); a
+// release store after the extent is committed lets a lock-free reader that
+// sees the new size rely on the mapping behind it.
+template <typename T>
+class Shared {
+ public:
+  Shared() = default;
+  Shared(const Shared& other) : value_(other.Get()) {}
+  Shared& operator=(const Shared& other) {
+    Set(other.Get());
+    return *this;
+  }
+  T Get() const { return value_.load(std::memory_order_acquire); }
+  void Set(T v) { value_.store(v, std::memory_order_release); }
+  operator T() const { return Get(); }  // NOLINT: reads like a plain field.
+  Shared& operator=(T v) {
+    Set(v);
+    return *this;
+  }
+  Shared& operator+=(T d) {  // Single writer (under the lock).
+    Set(Get() + d);
+    return *this;
+  }
+  Shared& operator-=(T d) {
+    Set(Get() - d);
+    return *this;
+  }
+
+ private:
+  std::atomic<T> value_{};
+};
+
 }  // namespace
 
 struct KVCache::Impl {
@@ -60,19 +93,21 @@ struct KVCache::Impl {
     absl::InlinedVector<PhysicalHandle, 2> handles;
   };
 
+  // Fields of type Shared<> may be read without mu (Step's fast path); the
+  // rest are guarded by mu.
   struct Slot {
-    bool active = false;
+    Shared<bool> active;
     // A thread is mapping or unmapping this slot's extents without the lock.
     bool busy = false;
     // The busy thread is mapping a new extent (it may itself be waiting for
     // memory, so reclamation must not wait for it).
     bool mapping = false;
-    std::int64_t length = 0;   // Logical tokens.
-    std::int64_t hint = 0;     // AllocSlot's expected_tokens.
-    std::int64_t mapped = 0;   // Bytes mapped per region (sum of extents).
+    Shared<std::int64_t> length;  // Logical tokens.
+    Shared<std::int64_t> hint;    // AllocSlot's expected_tokens.
+    Shared<std::int64_t> mapped;  // Bytes mapped per region (sum of extents).
     std::vector<Extent> extents;
     // Holds bytes written by an earlier request (for zero_on_reuse).
-    bool used = false;
+    Shared<bool> used;
     std::uint64_t freed_seq = 0;  // Order of Free, for LRU reclamation.
     // Fences of GPU work that may still read the slot's memory.
     std::vector<FenceId> fences;
@@ -191,22 +226,36 @@ struct KVCache::Impl {
   void WorkerLoop();
   // One unit of map-ahead work, if any is due: true when it did something.
   bool WorkerMapAheadOnceLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
-  // True when the thread has look-ahead mapping to do for the slot.
-  bool NeedsMapAheadLocked(const Slot& s) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+  // True when the thread has look-ahead mapping to do for the slot. Reads
+  // only Shared<> fields: callable without mu.
+  bool NeedsMapAhead(const Slot& s) const {
     if (!worker_running || opts.map_ahead_tokens <= 0 || !s.active) {
       return false;
     }
     const std::int64_t want = std::min<std::int64_t>(
-        opts.max_tokens, std::max(s.length, s.hint) + opts.map_ahead_tokens);
+        opts.max_tokens,
+        std::max<std::int64_t>(s.length, s.hint) + opts.map_ahead_tokens);
     return s.mapped < BytesFor(want);
   }
   // Records new work for the thread; the caller then calls WakeWorker()
   // after dropping mu, so the woken thread does not block on it at once.
-  void NoteWorkLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    ++work_generation;
+  void NoteWork() { work_generation.fetch_add(1, std::memory_order_seq_cst); }
+  // Wakes the thread if it sleeps. Lock-free unless it does: then wake_mu
+  // is taken once, so a thread about to sleep cannot miss the new work.
+  void WakeWorker() {
+    if (worker_sleeping.load(std::memory_order_seq_cst)) {
+      { MutexLock lock(&wake_mu); }
+      work_cv.Signal();
+    }
   }
-  void WakeWorker() { work_cv.Signal(); }
+  // The slot, for Step's lock-free fast path: only Shared<> fields may be
+  // touched through it.
+  Slot& SlotForFastPath(int slot) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return slots[static_cast<std::size_t>(slot)];
+  }
+  // Step without the lock when every slot is backed; false to take the
+  // slow path instead (nothing changed then).
+  bool TryFastStep(absl::Span<const StepRequest> batch);
 
   // ---- Constant after construction ----------------------------------------
   const KVCacheOptions opts;
@@ -229,14 +278,22 @@ struct KVCache::Impl {
   // ---- Guarded by mu ----------------------------------------------------------
   mutable Mutex mu;
   CondVar state_cv;  // A slot stopped being busy; the worker went idle.
-  CondVar work_cv;   // Work for the background thread.
+  // The thread sleeps on work_cv under wake_mu (not mu), so waking it never
+  // needs the cache lock.
+  Mutex wake_mu;
+  CondVar work_cv;
+  std::atomic<std::uint64_t> work_generation{0};
+  std::atomic<bool> worker_sleeping{false};
+  std::atomic<bool> stop_worker{false};
+  // Set with background_error, so Step's fast path can see it lock-free.
+  std::atomic<bool> has_background_error{false};
+  std::atomic<std::int64_t> step_calls{0};
   std::vector<Slot> slots ABSL_GUARDED_BY(mu);
   std::uint64_t free_seq ABSL_GUARDED_BY(mu) = 0;
   CacheStats stats ABSL_GUARDED_BY(mu);  // Counters kept here; the rest is
                                          // derived in Stats().
   bool shutting_down ABSL_GUARDED_BY(mu) = false;
   absl::Status background_error ABSL_GUARDED_BY(mu);
-  std::uint64_t work_generation ABSL_GUARDED_BY(mu) = 0;
   std::uint64_t idle_generation ABSL_GUARDED_BY(mu) = 0;
   bool worker_running = false;  // Constant after Init.
 };
@@ -326,6 +383,11 @@ void KVCache::Impl::Shutdown() {
   {
     MutexLock lock(&mu);
     shutting_down = true;
+    state_cv.SignalAll();
+  }
+  stop_worker.store(true, std::memory_order_seq_cst);
+  {
+    MutexLock lock(&wake_mu);
     work_cv.SignalAll();
   }
   if (worker.joinable()) worker.join();
@@ -671,7 +733,10 @@ bool KVCache::Impl::WorkerMapAheadOnceLocked() {
   }
   if (status.code() != absl::StatusCode::kResourceExhausted) {
     // Unexpected: sticky, returned by the next foreground call.
-    if (background_error.ok()) background_error = status;
+    if (background_error.ok()) {
+      background_error = status;
+      has_background_error.store(true, std::memory_order_release);
+    }
   }
   // Out of budget: looking ahead is best effort; the foreground maps (or
   // fails) when the memory is really needed. Stop until something changes.
@@ -681,7 +746,7 @@ bool KVCache::Impl::WorkerMapAheadOnceLocked() {
 void KVCache::Impl::WorkerLoop() {
   MutexLock lock(&mu);
   while (!shutting_down) {
-    const std::uint64_t generation = work_generation;
+    const std::uint64_t generation = work_generation.load();
     bool did = false;
     if (background_error.ok()) {
       did = WorkerMapAheadOnceLocked();
@@ -702,15 +767,26 @@ void KVCache::Impl::WorkerLoop() {
                        absl::StatusCode::kResourceExhausted &&
                    background_error.ok()) {
           background_error = made.status();
+          has_background_error.store(true, std::memory_order_release);
         }
       }
     }
     if (did) continue;
-    if (generation == work_generation) {
-      idle_generation = generation;
-      state_cv.SignalAll();
-      work_cv.WaitWithTimeout(&mu, absl::Milliseconds(50));
+    idle_generation = generation;
+    state_cv.SignalAll();
+    // Sleep until new work is noted (or a periodic look, for work that no
+    // call announced, such as memory freed by a fence completing).
+    mu.Unlock();
+    {
+      MutexLock wake_lock(&wake_mu);
+      worker_sleeping.store(true, std::memory_order_seq_cst);
+      if (work_generation.load(std::memory_order_seq_cst) == generation &&
+          !stop_worker.load()) {
+        work_cv.WaitWithTimeout(&wake_mu, absl::Milliseconds(50));
+      }
+      worker_sleeping.store(false, std::memory_order_relaxed);
     }
+    mu.Lock();
   }
 }
 
@@ -814,8 +890,8 @@ absl::StatusOr<int> KVCache::Impl::AllocSlotLocked(
     s.length = 0;
     s.hint = expected_tokens;
     PruneFencesLocked(s);
-    if (NeedsMapAheadLocked(s)) {
-      NoteWorkLocked();
+    if (NeedsMapAhead(s)) {
+      NoteWork();
       *wake = true;
     }
     return best;
@@ -834,10 +910,10 @@ absl::Status KVCache::Grow(int slot, std::int64_t tokens) {
     ++m.stats.grow_calls;
     VATTN_RETURN_IF_ERROR(m.EnsureBackedLocked(slot, tokens, nullptr));
     Impl::Slot& s = m.slots[slot];
-    s.length = std::max(s.length, tokens);
+    if (s.length < tokens) s.length = tokens;
     s.used = true;
-    if (m.NeedsMapAheadLocked(s)) {
-      m.NoteWorkLocked();
+    if (m.NeedsMapAhead(s)) {
+      m.NoteWork();
       wake = true;
     }
   }
@@ -894,6 +970,7 @@ absl::StatusOr<StepResult> KVCache::Step(absl::Span<const StepRequest> batch) {
     VATTN_RETURN_IF_ERROR(m.CheckSlot(r.slot));
     VATTN_RETURN_IF_ERROR(m.CheckTokens(r.tokens));
   }
+  if (m.TryFastStep(batch)) return StepResult{};
   bool wake = false;
   absl::StatusOr<StepResult> result;
   {
@@ -904,13 +981,36 @@ absl::StatusOr<StepResult> KVCache::Step(absl::Span<const StepRequest> batch) {
   return result;
 }
 
+bool KVCache::Impl::TryFastStep(absl::Span<const StepRequest> batch) {
+  if (has_background_error.load(std::memory_order_acquire)) return false;
+  // Every slot active and backed? Otherwise the slow path reports or maps,
+  // under the lock; nothing has changed yet.
+  for (const StepRequest& r : batch) {
+    const Slot& s = SlotForFastPath(r.slot);
+    if (!s.active || s.mapped < BytesFor(r.tokens)) return false;
+  }
+  bool more_work = false;
+  for (const StepRequest& r : batch) {
+    Slot& s = SlotForFastPath(r.slot);
+    if (s.length < r.tokens) s.length = r.tokens;
+    if (!s.used) s.used = true;
+    more_work = more_work || NeedsMapAhead(s);
+  }
+  step_calls.fetch_add(1, std::memory_order_relaxed);
+  if (more_work) {
+    NoteWork();
+    WakeWorker();
+  }
+  return true;
+}
+
 absl::StatusOr<StepResult> KVCache::Impl::StepLocked(
     absl::Span<const StepRequest> batch, bool* wake) {
   VATTN_RETURN_IF_ERROR(background_error);
   for (const StepRequest& r : batch) {
     VATTN_RETURN_IF_ERROR(CheckActiveLocked(r.slot));
   }
-  ++stats.step_calls;
+  step_calls.fetch_add(1, std::memory_order_relaxed);
   StepResult result;
   absl::Status status;
   bool more_work = false;
@@ -930,13 +1030,13 @@ absl::StatusOr<StepResult> KVCache::Impl::StepLocked(
       }
       if (!status.ok()) break;
     }
-    s.length = std::max(s.length, r.tokens);
+    if (s.length < r.tokens) s.length = r.tokens;
     s.used = true;
-    more_work = more_work || NeedsMapAheadLocked(s);
+    more_work = more_work || NeedsMapAhead(s);
   }
   // Misses took handles from the pool: let the thread refill it too.
   if (worker_running && (more_work || result.misses > 0)) {
-    NoteWorkLocked();
+    NoteWork();
     *wake = true;
   }
   if (!status.ok()) return status;
@@ -1007,6 +1107,7 @@ CacheStats KVCache::Stats() const {
   out.pooled_bytes = pool.idle_bytes;
   out.peak_physical_bytes = pool.peak_physical_bytes;
   out.create_calls = pool.create_calls;
+  out.step_calls = m.step_calls.load(std::memory_order_relaxed);
   out.map_calls = m.map_calls.load(std::memory_order_relaxed);
   out.unmap_calls = m.unmap_calls.load(std::memory_order_relaxed);
   out.destroy_calls = pool.destroy_calls;
@@ -1041,9 +1142,11 @@ absl::Status KVCache::WaitForBackgroundIdle() {
   Impl& m = *impl_;
   MutexLock lock(&m.mu);
   if (!m.worker_running) return m.background_error;
-  m.NoteWorkLocked();
+  m.NoteWork();
+  const std::uint64_t target = m.work_generation.load();
+  m.mu.Unlock();
   m.WakeWorker();
-  const std::uint64_t target = m.work_generation;
+  m.mu.Lock();
   while (m.idle_generation < target && !m.shutting_down) {
     m.state_cv.Wait(&m.mu);
   }
