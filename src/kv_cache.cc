@@ -190,18 +190,20 @@ struct KVCache::Impl {
       ABSL_LOCKS_EXCLUDED(mu);
   // Handles for one extent, reclaiming idle slots' memory when the budget is
   // short. mu is not held.
-  // Without `reclaim`, only the pool and the budget's headroom are used.
+  // Handles for one extent of between `minimum` and `preferred` bytes per
+  // region (the size chosen goes to *bytes); see the policy in the body.
   absl::StatusOr<std::vector<PhysicalHandle>> AcquireHandles(
-      std::int64_t bytes, bool reclaim) ABSL_LOCKS_EXCLUDED(mu);
+      std::int64_t minimum, std::int64_t preferred, std::int64_t* bytes)
+      ABSL_LOCKS_EXCLUDED(mu);
   // Unmaps an extent's handles at `offset` of the slot's regions; on error
   // maps back what it unmapped. mu is not held.
   absl::Status UnmapExtent(int slot, const Extent& extent)
       ABSL_LOCKS_EXCLUDED(mu);
   // Takes the last extent of the least recently freed idle slot back into
-  // the pool. False when no idle slot holds memory. Waits for an idle slot
-  // another thread is unmapping or zeroing (never for one being mapped: that
-  // thread may itself be waiting for memory).
-  absl::StatusOr<bool> ReclaimOne() ABSL_LOCKS_EXCLUDED(mu);
+  // the pool and returns its size per region; 0 when no idle slot holds
+  // memory. Waits for an idle slot another thread is unmapping or zeroing
+  // (never for one being mapped: that thread may itself wait for memory).
+  absl::StatusOr<std::int64_t> ReclaimOne() ABSL_LOCKS_EXCLUDED(mu);
   // Waits for (and releases) the slot's fences. The slot is busy; drops mu.
   absl::Status WaitFencesLocked(Slot& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // Releases fences that have completed.
@@ -452,17 +454,41 @@ absl::Status KVCache::Impl::WaitFencesLocked(Slot& s) {
 // Mapping and reclamation.
 
 absl::StatusOr<std::vector<PhysicalHandle>> KVCache::Impl::AcquireHandles(
-    std::int64_t bytes, bool reclaim) {
-  for (;;) {
+    std::int64_t minimum, std::int64_t preferred, std::int64_t* bytes) {
+  // 1. Without taking memory from anyone: the growth extent, else the
+  //    minimum. A larger extent is speculative and never evicts idle slots.
+  for (std::int64_t size : {preferred, minimum}) {
     absl::StatusOr<std::vector<PhysicalHandle>> handles =
-        pool->Acquire(static_cast<std::size_t>(bytes), num_regions);
-    if (handles.ok() || !reclaim ||
+        pool->Acquire(static_cast<std::size_t>(size), num_regions);
+    if (handles.ok() ||
         handles.status().code() != absl::StatusCode::kResourceExhausted) {
+      *bytes = size;
       return handles;
     }
-    absl::StatusOr<bool> reclaimed = ReclaimOne();
+    if (minimum == preferred) break;
+  }
+  // 2. Reclaim idle slots' extents, one at a time. A reclaimed extent whose
+  //    size lies in [minimum, preferred] is mapped as it is (Unmap + Map: no
+  //    destroy, no create); otherwise the pool destroys idle handles to make
+  //    room for the minimum.
+  for (;;) {
+    absl::StatusOr<std::int64_t> reclaimed = ReclaimOne();
     if (!reclaimed.ok()) return reclaimed.status();
-    if (!*reclaimed) return handles.status();
+    if (*reclaimed >= minimum && *reclaimed <= preferred) {
+      absl::StatusOr<std::vector<PhysicalHandle>> handles =
+          pool->Acquire(static_cast<std::size_t>(*reclaimed), num_regions);
+      if (handles.ok()) {
+        *bytes = *reclaimed;
+        return handles;
+      }
+    }
+    absl::StatusOr<std::vector<PhysicalHandle>> handles =
+        pool->Acquire(static_cast<std::size_t>(minimum), num_regions);
+    if (handles.ok() || *reclaimed == 0 ||
+        handles.status().code() != absl::StatusCode::kResourceExhausted) {
+      *bytes = minimum;
+      return handles;
+    }
   }
 }
 
@@ -496,16 +522,9 @@ absl::Status KVCache::Impl::UnmapExtent(int slot, const Extent& extent) {
 absl::Status KVCache::Impl::MapExtent(int slot, std::int64_t offset,
                                       std::int64_t preferred,
                                       std::int64_t minimum, Extent* extent) {
-  // The growth extent only if it fits without taking memory from idle
-  // slots; under pressure, exactly what is needed, reclaiming for it.
-  std::int64_t bytes = preferred;
+  std::int64_t bytes = 0;
   absl::StatusOr<std::vector<PhysicalHandle>> handles =
-      AcquireHandles(bytes, /*reclaim=*/minimum == preferred);
-  if (!handles.ok() && minimum < preferred &&
-      handles.status().code() == absl::StatusCode::kResourceExhausted) {
-    bytes = minimum;
-    handles = AcquireHandles(bytes, /*reclaim=*/true);
-  }
+      AcquireHandles(minimum, preferred, &bytes);
   if (!handles.ok()) {
     return absl::Status(
         handles.status().code(),
@@ -590,7 +609,7 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
   return absl::OkStatus();
 }
 
-absl::StatusOr<bool> KVCache::Impl::ReclaimOne() {
+absl::StatusOr<std::int64_t> KVCache::Impl::ReclaimOne() {
   MutexLock lock(&mu);
   for (;;) {
     // Least recently freed idle slot holding memory; prefer one whose fences
@@ -616,7 +635,7 @@ absl::StatusOr<bool> KVCache::Impl::ReclaimOne() {
     if (victim < 0) {
       // Memory another thread is taking back (or zeroing) will be free in a
       // moment: wait for it rather than fail.
-      if (!others_unmapping) return false;
+      if (!others_unmapping) return 0;
       state_cv.Wait(&mu);
       continue;
     }
@@ -654,7 +673,7 @@ absl::StatusOr<bool> KVCache::Impl::ReclaimOne() {
     pool->Release(std::move(handles), static_cast<std::size_t>(extent.bytes));
     s.busy = false;
     state_cv.SignalAll();
-    return true;
+    return extent.bytes;
   }
 }
 

@@ -1819,5 +1819,36 @@ TEST(KVCachePolicyTest, GrowthExtentNeverEvictsIdleSlots) {
   EXPECT_EQ(cache->Stats().reclaimed_extents, 1);
 }
 
+// Under pressure, an idle extent whose size fits what the Grow can use is
+// moved as it is: one Unmap and one Map, no Destroy and no Create.
+TEST(KVCachePolicyTest, ReclaimedExtentOfAFittingSizeIsMappedAsItIs) {
+  auto host = MakeHostBackend();
+  ASSERT_TRUE(host.ok());
+  KVCacheOptions o;
+  o.num_layers = 1;
+  o.num_kv_heads = 8;
+  o.head_dim = 128;  // 4 KiB per token: a 2 MiB granule holds 512 tokens.
+  o.max_slots = 2;
+  o.max_tokens = 4096;
+  o.memory_budget_bytes = std::size_t{8} << 20;
+  VATTN_ASSERT_OK_AND_ASSIGN(auto cache, KVCache::Create(o, *host));
+  VATTN_ASSERT_OK_AND_ASSIGN(int a, cache->AllocSlot(1024));
+  VATTN_ASSERT_OK(cache->Grow(a, 1024));  // One 4 MiB extent.
+  VATTN_ASSERT_OK_AND_ASSIGN(int b, cache->AllocSlot(0));
+  VATTN_ASSERT_OK(cache->Free(a));
+  VATTN_ASSERT_OK(cache->Grow(b, 1024));  // 4 MiB: the budget is full.
+  const CacheStats before = cache->Stats();
+  // Needs 2 MiB, would like 4 MiB: a's 4 MiB extent moves over whole.
+  VATTN_ASSERT_OK(cache->Grow(b, 1025));
+  const CacheStats after = cache->Stats();
+  EXPECT_EQ(after.create_calls, before.create_calls);
+  EXPECT_EQ(after.destroy_calls, before.destroy_calls);
+  EXPECT_EQ(after.unmap_calls - before.unmap_calls, 1);
+  EXPECT_EQ(after.map_calls - before.map_calls, 1);
+  VATTN_ASSERT_OK_AND_ASSIGN(SlotInfo grown, cache->GetSlot(b));
+  EXPECT_EQ(grown.mapped_bytes, std::int64_t{8} << 20);
+  EXPECT_LE(after.peak_physical_bytes, std::int64_t{8} << 20);
+}
+
 }  // namespace
 }  // namespace vattn
