@@ -104,7 +104,15 @@ struct KVCache::Impl {
     bool mapping = false;
     Shared<std::int64_t> length;  // Logical tokens.
     Shared<std::int64_t> hint;    // AllocSlot's expected_tokens.
-    Shared<std::int64_t> mapped;  // Bytes mapped per region (sum of extents).
+    // The slot's extents, in offset order, hold `held` bytes per region. The
+    // first `adopted` of them (`mapped` bytes) back the request; the rest
+    // are surplus left by an earlier request: still mapped, adopted without
+    // a driver call when the request grows into them, and reclaimable under
+    // pressure because nothing relies on them. Step's lock-free fast path
+    // reads only `mapped`. For an idle slot every extent counts as adopted.
+    Shared<std::int64_t> mapped;
+    std::int64_t held = 0;
+    int adopted = 0;
     std::vector<Extent> extents;
     // Holds bytes written by an earlier request (for zero_on_reuse).
     Shared<bool> used;
@@ -213,6 +221,48 @@ struct KVCache::Impl {
   absl::Status UnmapAllLocked(int slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   void WaitNotBusyLocked(int slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     while (slots[slot].busy) state_cv.Wait(&mu);
+  }
+  // Adopts the slot's next surplus extent (no driver call). False when it
+  // has none.
+  bool AdoptNextLocked(Slot& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (s.adopted >= static_cast<int>(s.extents.size())) return false;
+    s.mapped += s.extents[static_cast<std::size_t>(s.adopted)].bytes;
+    ++s.adopted;
+    ++stats.adopted_extents;
+    return true;
+  }
+  // Appends a newly mapped extent to a slot without surplus; the release
+  // store of `mapped` publishes it to Step's fast path.
+  void AppendExtentLocked(Slot& s, Extent extent)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    s.held += extent.bytes;
+    ++s.adopted;
+    s.extents.push_back(std::move(extent));
+    s.mapped += s.extents.back().bytes;
+    ++stats.extents_mapped;
+  }
+  // Takes the last extent off the slot's books (an idle slot's, or an active
+  // slot's surplus); RestoreExtentLocked undoes it.
+  Extent PopExtentLocked(Slot& s, bool* was_adopted)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    Extent extent = std::move(s.extents.back());
+    s.extents.pop_back();
+    s.held -= extent.bytes;
+    *was_adopted = s.adopted > static_cast<int>(s.extents.size());
+    if (*was_adopted) {
+      --s.adopted;
+      s.mapped -= extent.bytes;
+    }
+    return extent;
+  }
+  void RestoreExtentLocked(Slot& s, Extent extent, bool was_adopted)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    s.held += extent.bytes;
+    if (was_adopted) {
+      ++s.adopted;
+      s.mapped += extent.bytes;
+    }
+    s.extents.push_back(std::move(extent));
   }
 
   // ---- Public calls' bodies, under mu; *wake asks the caller to wake the
@@ -569,6 +619,10 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
                                                bool* mapped_here) {
   Slot& s = slots[slot];
   const std::int64_t need = BytesFor(tokens);
+  // A failed call leaves the slot as it found it: surplus it adopted on the
+  // way goes back to being surplus.
+  const int adopted_before = s.adopted;
+  const std::int64_t mapped_before = s.mapped;
   while (s.mapped < need) {
     // The lock is dropped below: another thread may free the slot meanwhile.
     if (!s.active) {
@@ -580,6 +634,7 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
       state_cv.Wait(&mu);
       continue;
     }
+    if (AdoptNextLocked(s)) continue;  // Already mapped: no driver call.
     const std::int64_t offset = s.mapped;
     const std::int64_t deficit = need - offset;
     const std::int64_t preferred = ExtentSize(offset, deficit);
@@ -596,10 +651,17 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
     s.busy = false;
     s.mapping = false;
     state_cv.SignalAll();
-    if (!status.ok()) return status;
-    s.mapped += extent.bytes;
-    s.extents.push_back(std::move(extent));
-    ++stats.extents_mapped;
+    if (!status.ok()) {
+      // Nothing was appended (a map that succeeds covers the need), and
+      // reclamation only ever takes extents past the adopted ones.
+      if (s.active &&
+          static_cast<std::size_t>(adopted_before) <= s.extents.size()) {
+        s.adopted = adopted_before;
+        s.mapped = mapped_before;
+      }
+      return status;
+    }
+    AppendExtentLocked(s, std::move(extent));
     if (mapped_here != nullptr) *mapped_here = true;
   }
   if (!s.active) {
@@ -612,26 +674,50 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
 absl::StatusOr<std::int64_t> KVCache::Impl::ReclaimOne() {
   MutexLock lock(&mu);
   for (;;) {
-    // Least recently freed idle slot holding memory; prefer one whose fences
-    // have completed so reclamation does not wait on the GPU.
-    int ready = -1;
-    int oldest = -1;
+    // In order: the least recently freed idle slot whose fences completed;
+    // the largest surplus of an active slot whose fences (an earlier
+    // request's) completed; then the same two that must wait on the GPU.
+    int idle_ready = -1;
+    int idle_oldest = -1;
+    int surplus_ready = -1;
+    int surplus_any = -1;
     bool others_unmapping = false;
+    auto surplus = [this](int i) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      return slots[i].held - slots[i].mapped;
+    };
     for (int i = 0; i < static_cast<int>(slots.size()); ++i) {
       Slot& s = slots[i];
-      if (s.active || s.extents.empty()) continue;
+      if (s.extents.empty()) continue;
       if (s.busy) {
-        others_unmapping = others_unmapping || !s.mapping;
+        others_unmapping = others_unmapping || (!s.active && !s.mapping);
         continue;
       }
-      if (oldest < 0 || s.freed_seq < slots[oldest].freed_seq) oldest = i;
+      if (s.active && s.adopted == static_cast<int>(s.extents.size())) {
+        continue;  // Everything it holds backs its request.
+      }
       PruneFencesLocked(s);
-      if (s.fences.empty() &&
-          (ready < 0 || s.freed_seq < slots[ready].freed_seq)) {
-        ready = i;
+      const bool ready = s.fences.empty();
+      if (!s.active) {
+        if (idle_oldest < 0 || s.freed_seq < slots[idle_oldest].freed_seq) {
+          idle_oldest = i;
+        }
+        if (ready && (idle_ready < 0 ||
+                      s.freed_seq < slots[idle_ready].freed_seq)) {
+          idle_ready = i;
+        }
+      } else {
+        if (surplus_any < 0 || surplus(i) > surplus(surplus_any)) {
+          surplus_any = i;
+        }
+        if (ready && (surplus_ready < 0 || surplus(i) > surplus(surplus_ready))) {
+          surplus_ready = i;
+        }
       }
     }
-    const int victim = ready >= 0 ? ready : oldest;
+    int victim = idle_ready;
+    if (victim < 0) victim = surplus_ready;
+    if (victim < 0) victim = idle_oldest;
+    if (victim < 0) victim = surplus_any;
     if (victim < 0) {
       // Memory another thread is taking back (or zeroing) will be free in a
       // moment: wait for it rather than fail.
@@ -647,25 +733,19 @@ absl::StatusOr<std::int64_t> KVCache::Impl::ReclaimOne() {
       state_cv.SignalAll();
       return status;
     }
-    if (s.active) {  // Allocated while we waited: it keeps its memory.
-      s.busy = false;
-      state_cv.SignalAll();
-      continue;
-    }
-    Extent extent = std::move(s.extents.back());
-    s.extents.pop_back();
+    bool was_adopted = false;
+    Extent extent = PopExtentLocked(s, &was_adopted);
     {
       mu.Unlock();
       status = UnmapExtent(victim, extent);
       mu.Lock();
     }
     if (!status.ok()) {
-      s.extents.push_back(std::move(extent));
+      RestoreExtentLocked(s, std::move(extent), was_adopted);
       s.busy = false;
       state_cv.SignalAll();
       return status;
     }
-    s.mapped -= extent.bytes;
     stats.reclaimed_bytes += extent.bytes * num_regions;
     ++stats.reclaimed_extents;
     std::vector<PhysicalHandle> handles(extent.handles.begin(),
@@ -680,8 +760,8 @@ absl::StatusOr<std::int64_t> KVCache::Impl::ReclaimOne() {
 absl::Status KVCache::Impl::UnmapAllLocked(int slot) {
   Slot& s = slots[slot];
   while (!s.extents.empty()) {
-    Extent extent = std::move(s.extents.back());
-    s.extents.pop_back();
+    bool was_adopted = false;
+    Extent extent = PopExtentLocked(s, &was_adopted);
     absl::Status status;
     {
       mu.Unlock();
@@ -689,10 +769,9 @@ absl::Status KVCache::Impl::UnmapAllLocked(int slot) {
       mu.Lock();
     }
     if (!status.ok()) {
-      s.extents.push_back(std::move(extent));
+      RestoreExtentLocked(s, std::move(extent), was_adopted);
       return status;
     }
-    s.mapped -= extent.bytes;
     std::vector<PhysicalHandle> handles(extent.handles.begin(),
                                         extent.handles.end());
     pool->Release(std::move(handles), static_cast<std::size_t>(extent.bytes));
@@ -709,23 +788,27 @@ bool KVCache::Impl::WorkerMapAheadOnceLocked() {
   int best = -1;
   std::int64_t best_margin = 0;
   std::int64_t best_target = 0;
+  bool adopted_any = false;
   for (int i = 0; i < static_cast<int>(slots.size()); ++i) {
-    const Slot& s = slots[i];
+    Slot& s = slots[i];
     if (!s.active || s.busy) continue;
     const std::int64_t want = std::min<std::int64_t>(
-        opts.max_tokens, std::max(s.length, s.hint) + opts.map_ahead_tokens);
+        opts.max_tokens,
+        std::max<std::int64_t>(s.length, s.hint) + opts.map_ahead_tokens);
     const std::int64_t target = BytesFor(want);
+    // Surplus already mapped is looked ahead for free.
+    while (s.mapped < target && AdoptNextLocked(s)) adopted_any = true;
     if (s.mapped >= target) continue;
     // A new request's prompt (the hint) is needed at its first Step.
     const std::int64_t margin =
-        BackedTokens(s.mapped) - std::max(s.length, s.hint);
+        BackedTokens(s.mapped) - std::max<std::int64_t>(s.length, s.hint);
     if (best < 0 || margin < best_margin) {
       best = i;
       best_margin = margin;
       best_target = target;
     }
   }
-  if (best < 0) return false;
+  if (best < 0) return adopted_any;
   Slot& s = slots[best];
   const std::int64_t offset = s.mapped;
   const std::int64_t deficit = best_target - offset;
@@ -744,9 +827,7 @@ bool KVCache::Impl::WorkerMapAheadOnceLocked() {
   s.mapping = false;
   state_cv.SignalAll();
   if (status.ok()) {
-    s.mapped += extent.bytes;
-    s.extents.push_back(std::move(extent));
-    ++stats.extents_mapped;
+    AppendExtentLocked(s, std::move(extent));
     ++stats.background_extents;
     return true;
   }
@@ -850,10 +931,18 @@ absl::StatusOr<int> KVCache::Impl::AllocSlotLocked(
     std::int64_t expected_tokens, bool* wake) {
   VATTN_RETURN_IF_ERROR(background_error);
   const std::int64_t want = BytesFor(std::max<std::int64_t>(1, expected_tokens));
+  // A request placed in an idle slot must adopt its extents up to the one
+  // that covers the hint (an extent cannot be split); what that one holds
+  // beyond the hint is waste for the request's life. Extents past it stay
+  // surplus: reclaimable, or adopted for free as the request grows.
+  const std::int64_t waste_limit = std::max(max_extent, want / 4);
   for (;;) {
-    // Best fit: the idle slot with the least mapped memory that still covers
-    // the hint; else the one with the most; fresh slots have none.
+    // Best fit: the idle slot that already maps most of the hint, among
+    // those whose waste stays within the limit (fresh slots map nothing and
+    // waste nothing); ties go to the smaller waste.
     int best = -1;
+    std::int64_t best_gain = 0;
+    std::int64_t best_waste = 0;
     bool any_busy = false;
     for (int i = 0; i < static_cast<int>(slots.size()); ++i) {
       const Slot& s = slots[i];
@@ -862,18 +951,19 @@ absl::StatusOr<int> KVCache::Impl::AllocSlotLocked(
         any_busy = true;
         continue;
       }
-      if (best < 0) {
-        best = i;
-        continue;
+      std::int64_t through = 0;
+      for (const Extent& e : s.extents) {
+        if (through >= want) break;
+        through += e.bytes;
       }
-      const std::int64_t have = s.mapped;
-      const std::int64_t best_have = slots[best].mapped;
-      const bool covers = have >= want;
-      const bool best_covers = best_have >= want;
-      if (covers != best_covers) {
-        if (covers) best = i;
-      } else if (covers ? have < best_have : have > best_have) {
+      const std::int64_t waste = through > want ? through - want : 0;
+      const std::int64_t gain =
+          waste > waste_limit ? -1 : std::min(through, want);
+      if (best < 0 || gain > best_gain ||
+          (gain == best_gain && waste < best_waste)) {
         best = i;
+        best_gain = gain;
+        best_waste = waste;
       }
     }
     if (best < 0) {
@@ -885,10 +975,10 @@ absl::StatusOr<int> KVCache::Impl::AllocSlotLocked(
           "all %d slots are active", opts.max_slots));
     }
     Slot& s = slots[best];
-    if (opts.zero_on_reuse && s.used && s.mapped > 0) {
+    if (opts.zero_on_reuse && s.used && s.held > 0) {
       s.busy = true;
       absl::Status status = WaitFencesLocked(s);
-      const std::int64_t bytes = s.mapped;
+      const std::int64_t bytes = s.held;
       if (status.ok()) {
         mu.Unlock();
         for (int r = 0; r < num_regions && status.ok(); ++r) {
@@ -903,7 +993,18 @@ absl::StatusOr<int> KVCache::Impl::AllocSlotLocked(
       if (!status.ok()) return status;
       stats.zeroed_bytes += bytes * num_regions;
     }
-    if (s.mapped > 0) ++stats.reuse_hits;
+    if (s.held > 0) ++stats.reuse_hits;
+    // Adopt the extents the hint needs; the rest is surplus.
+    const std::int64_t hinted = BytesFor(expected_tokens);
+    std::int64_t adopted_bytes = 0;
+    int adopted = 0;
+    while (adopted < static_cast<int>(s.extents.size()) &&
+           adopted_bytes < hinted) {
+      adopted_bytes += s.extents[static_cast<std::size_t>(adopted)].bytes;
+      ++adopted;
+    }
+    s.adopted = adopted;
+    s.mapped = adopted_bytes;
     s.active = true;
     s.used = false;
     s.length = 0;
@@ -968,6 +1069,8 @@ absl::Status KVCache::Free(int slot, std::optional<Stream> fence) {
   s.active = false;
   s.length = 0;
   s.hint = 0;
+  s.adopted = static_cast<int>(s.extents.size());
+  s.mapped = s.held;
   s.freed_seq = ++m.free_seq;
   if (!m.opts.defer_reclaim) {
     m.WaitNotBusyLocked(slot);
@@ -1108,14 +1211,16 @@ CacheStats KVCache::Stats() const {
     MutexLock lock(&m.mu);
     out = m.stats;
     out.mapped_bytes = 0;
+    out.surplus_bytes = 0;
     out.logical_bytes = 0;
     out.active_slots = 0;
     out.idle_slots_with_memory = 0;
     for (const Impl::Slot& s : m.slots) {
-      out.mapped_bytes += s.mapped * m.num_regions;
+      out.mapped_bytes += s.held * m.num_regions;
       if (s.active) {
         ++out.active_slots;
         out.logical_bytes += s.length * m.token_bytes * m.num_regions;
+        out.surplus_bytes += (s.held - s.mapped) * m.num_regions;
       } else if (!s.extents.empty()) {
         ++out.idle_slots_with_memory;
       }
@@ -1142,7 +1247,8 @@ absl::StatusOr<SlotInfo> KVCache::GetSlot(int slot) const {
   info.active = s.active;
   info.length = s.length;
   info.backed_tokens = m.BackedTokens(s.mapped);
-  info.mapped_bytes = s.mapped * m.num_regions;
+  info.mapped_bytes = s.held * m.num_regions;
+  info.adopted_bytes = s.mapped * m.num_regions;
   info.extents = static_cast<int>(s.extents.size());
   return info;
 }

@@ -14,18 +14,19 @@ double MiB(std::int64_t bytes) {
 
 std::string CacheStats::ToString() const {
   return absl::StrFormat(
-      "memory: physical %.1f MiB (peak %.1f, budget %.1f), mapped %.1f MiB, "
-      "pooled %.1f MiB, logical %.1f MiB\n"
+      "memory: physical %.1f MiB (peak %.1f, budget %.1f), mapped %.1f MiB "
+      "(surplus %.1f), pooled %.1f MiB, logical %.1f MiB\n"
       "slots: %d active, %d idle holding memory\n"
       "driver calls: create %d, map %d, unmap %d, destroy %d\n"
-      "policy: %d grows, %d extents, %d reuse hits, reclaimed %.1f MiB in %d "
-      "extents, %d fence waits, zeroed %.1f MiB\n"
+      "policy: %d grows, %d extents, %d reuse hits, %d adopted, reclaimed "
+      "%.1f MiB in %d extents, %d fence waits, zeroed %.1f MiB\n"
       "step: %d calls, %d misses, %.3f ms mapping on the caller; background "
       "mapped %d extents, created %d handles",
       MiB(physical_bytes), MiB(peak_physical_bytes), MiB(budget_bytes),
-      MiB(mapped_bytes), MiB(pooled_bytes), MiB(logical_bytes), active_slots,
+      MiB(mapped_bytes), MiB(surplus_bytes), MiB(pooled_bytes),
+      MiB(logical_bytes), active_slots,
       idle_slots_with_memory, create_calls, map_calls, unmap_calls,
-      destroy_calls, grow_calls, extents_mapped, reuse_hits,
+      destroy_calls, grow_calls, extents_mapped, reuse_hits, adopted_extents,
       MiB(reclaimed_bytes), reclaimed_extents, fence_waits, MiB(zeroed_bytes),
       step_calls, step_misses, static_cast<double>(step_map_nanos) / 1e6,
       background_extents, background_creates);

@@ -122,12 +122,13 @@ class Harness {
     ASSERT_EQ(c.reservations, 1);
   }
 
-  // Sum over active slots of mapped bytes: memory nobody may take back.
+  // Sum over active slots of adopted bytes: memory nobody may take back
+  // (surplus beyond it is reclaimable).
   std::int64_t PinnedBytes() {
     std::int64_t pinned = 0;
     for (int s = 0; s < opts_.max_slots; ++s) {
       auto info = cache_->GetSlot(s);
-      if (info.ok() && info->active) pinned += info->mapped_bytes;
+      if (info.ok() && info->active) pinned += info->adopted_bytes;
     }
     return pinned;
   }
@@ -237,7 +238,7 @@ void RandomOp(Harness& h, bool expect_faults) {
       auto info = h.cache().GetSlot(slot);
       ASSERT_TRUE(info.ok());
       const std::int64_t need =
-          h.RegionBytesFor(tokens) * h.Regions() - info->mapped_bytes;
+          h.RegionBytesFor(tokens) * h.Regions() - info->adopted_bytes;
       ASSERT_GT(pinned + need,
                 static_cast<std::int64_t>(o.memory_budget_bytes))
           << "ResourceExhausted with reclaimable memory: " << s;
@@ -311,7 +312,7 @@ void RandomOp(Harness& h, bool expect_faults) {
           // The failing request: legitimate only when what active slots pin
           // (now) plus what it needs exceeds the budget.
           const std::int64_t need =
-              h.RegionBytesFor(q.tokens) * h.Regions() - info->mapped_bytes;
+              h.RegionBytesFor(q.tokens) * h.Regions() - info->adopted_bytes;
           ASSERT_GT(h.PinnedBytes() + need,
                     static_cast<std::int64_t>(o.memory_budget_bytes))
               << "Step failed with reclaimable memory: " << r.status();

@@ -1850,5 +1850,82 @@ TEST(KVCachePolicyTest, ReclaimedExtentOfAFittingSizeIsMappedAsItIs) {
   EXPECT_LE(after.peak_physical_bytes, std::int64_t{8} << 20);
 }
 
+// A request placed in a slot a longer one used adopts only the extents its
+// hint needs; the rest is surplus: adopted for free as it grows, and taken
+// back under pressure, so a short request never pins a long one's memory.
+TEST(KVCachePolicyTest, SurplusOfAReusedSlotIsAdoptedOrReclaimed) {
+  auto host = MakeHostBackend();
+  ASSERT_TRUE(host.ok());
+  KVCacheOptions o;
+  o.num_layers = 1;
+  o.num_kv_heads = 8;
+  o.head_dim = 128;  // 4 KiB per token: a 2 MiB granule holds 512 tokens.
+  o.max_slots = 2;
+  o.max_tokens = 4096;
+  o.max_extent_bytes = std::size_t{2} << 20;  // Fixed 2 MiB extents.
+  o.memory_budget_bytes = std::size_t{8} << 20;
+  VATTN_ASSERT_OK_AND_ASSIGN(auto cache, KVCache::Create(o, *host));
+  VATTN_ASSERT_OK_AND_ASSIGN(int a, cache->AllocSlot(512));
+  for (std::int64_t t = 512; t <= 2048; t += 512) {
+    VATTN_ASSERT_OK(cache->Grow(a, t));  // Four 2 MiB extents.
+  }
+  VATTN_ASSERT_OK(cache->Free(a));
+  VATTN_ASSERT_OK_AND_ASSIGN(int reused, cache->AllocSlot(100));
+  ASSERT_EQ(reused, a);
+  VATTN_ASSERT_OK_AND_ASSIGN(SlotInfo info, cache->GetSlot(a));
+  EXPECT_EQ(info.mapped_bytes, std::int64_t{8} << 20);
+  EXPECT_EQ(info.adopted_bytes, std::int64_t{2} << 20);
+  EXPECT_EQ(info.backed_tokens, 512);
+  EXPECT_EQ(cache->Stats().surplus_bytes, std::int64_t{6} << 20);
+  // Growing into the surplus adopts it: no driver call.
+  const CacheStats before = cache->Stats();
+  VATTN_ASSERT_OK(cache->Grow(a, 1000));
+  CacheStats after = cache->Stats();
+  EXPECT_EQ(after.map_calls, before.map_calls);
+  EXPECT_EQ(after.create_calls, before.create_calls);
+  EXPECT_EQ(after.adopted_extents - before.adopted_extents, 1);
+  EXPECT_EQ(after.surplus_bytes, std::int64_t{4} << 20);
+  // The budget is full; another request takes the surplus's last extent.
+  VATTN_ASSERT_OK_AND_ASSIGN(int b, cache->AllocSlot(0));
+  VATTN_ASSERT_OK(cache->Grow(b, 512));
+  after = cache->Stats();
+  EXPECT_EQ(after.reclaimed_extents, 1);
+  EXPECT_EQ(after.surplus_bytes, std::int64_t{2} << 20);
+  EXPECT_LE(after.peak_physical_bytes, std::int64_t{8} << 20);
+  VATTN_ASSERT_OK_AND_ASSIGN(info, cache->GetSlot(a));
+  EXPECT_EQ(info.length, 1000);
+  EXPECT_GE(info.backed_tokens, 1000);
+  EXPECT_EQ(info.mapped_bytes, std::int64_t{6} << 20);
+  // A's request can still grow through what is left.
+  VATTN_ASSERT_OK(cache->Grow(a, 1536));
+  EXPECT_EQ(cache->Stats().surplus_bytes, 0);
+}
+
+// A request is not placed in an idle slot whose first extent is far larger
+// than its hint (that extent cannot be split): a fresh slot is taken.
+TEST(KVCachePolicyTest, AllocSlotAvoidsAnOversizedFirstExtent) {
+  auto host = MakeHostBackend();
+  ASSERT_TRUE(host.ok());
+  KVCacheOptions o;
+  o.num_layers = 1;
+  o.num_kv_heads = 8;
+  o.head_dim = 128;  // 4 KiB per token.
+  o.max_slots = 2;
+  o.max_tokens = 65536;
+  o.max_extent_bytes = std::size_t{2} << 20;
+  VATTN_ASSERT_OK_AND_ASSIGN(auto cache, KVCache::Create(o, *host));
+  VATTN_ASSERT_OK_AND_ASSIGN(int a, cache->AllocSlot(20000));
+  VATTN_ASSERT_OK(cache->Grow(a, 20000));  // One ~80 MiB prefill extent.
+  VATTN_ASSERT_OK(cache->Free(a));
+  VATTN_ASSERT_OK_AND_ASSIGN(int b, cache->AllocSlot(100));
+  EXPECT_NE(b, a) << "would waste ~78 MiB on a 100-token request";
+  // A long request is placed there instead, with zero driver calls.
+  const CacheStats before = cache->Stats();
+  VATTN_ASSERT_OK_AND_ASSIGN(int c, cache->AllocSlot(19000));
+  EXPECT_EQ(c, a);
+  VATTN_ASSERT_OK(cache->Grow(c, 19000));
+  EXPECT_EQ(cache->Stats().map_calls, before.map_calls);
+}
+
 }  // namespace
 }  // namespace vattn

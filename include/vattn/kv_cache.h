@@ -71,6 +71,9 @@ struct SlotInfo {
   std::int64_t length = 0;         // Logical tokens.
   std::int64_t backed_tokens = 0;  // Tokens that may be touched.
   std::int64_t mapped_bytes = 0;   // Physical bytes mapped, all tensors.
+  // Of mapped_bytes, those backing the request (the rest is surplus an
+  // earlier request left in the slot; see CacheStats::surplus_bytes).
+  std::int64_t adopted_bytes = 0;
   int extents = 0;
 };
 

@@ -16,6 +16,10 @@ struct CacheStats {
   std::int64_t physical_bytes = 0;  // Live handles: mapped plus pooled.
   std::int64_t pooled_bytes = 0;    // Live handles mapped nowhere.
   std::int64_t mapped_bytes = 0;    // Mapped into slots (active and idle).
+  // Mapped into active slots beyond what their requests have adopted: left
+  // by an earlier request in a reused slot, adopted for free as the request
+  // grows, reclaimable under pressure.
+  std::int64_t surplus_bytes = 0;
   std::int64_t logical_bytes = 0;   // Active slots' lengths x bytes/token.
   std::int64_t budget_bytes = 0;    // The physical cap in force.
   std::int64_t peak_physical_bytes = 0;
@@ -34,6 +38,8 @@ struct CacheStats {
   std::int64_t grow_calls = 0;
   std::int64_t extents_mapped = 0;     // Extents added to slots.
   std::int64_t reuse_hits = 0;         // AllocSlot found memory mapped.
+  std::int64_t adopted_extents = 0;    // Surplus extents a request grew into
+                                       // (no driver call).
   std::int64_t reclaimed_bytes = 0;    // Taken back from idle slots.
   std::int64_t reclaimed_extents = 0;
   std::int64_t fence_waits = 0;        // Reclamation waited on GPU work.
