@@ -930,7 +930,7 @@ void PrintHelp() {
       "(default true)\n"
       "  --vattn_max_extent_mib=N    vattn's KVCacheOptions.max_extent_bytes "
       "in MiB (default 0:\n"
-      "                      the library's default, 32 MiB)\n"
+      "                      the library's default, 8 MiB)\n"
       "  --json=FILE         write the results as JSON, and a picture (SVG) "
       "beside it\n"
       "                      (FILE with .svg for its extension)\n"

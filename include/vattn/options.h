@@ -66,9 +66,12 @@ struct KVCacheOptions {
   // per byte) against at most one extent of waste per request (per tensor in
   // the layer-major layout). Under budget pressure an extent falls back to
   // exactly what the Grow needs. Both are rounded to the granularity; 0
-  // means one granule.
+  // means one granule. The 8 MiB default (64 tokens of Llama-3-8B) came from
+  // benchmarks/capacity: on a long-tail mix it kept 96% of a 16-token paged
+  // allocator's batch at ~65 driver calls per 1000 tokens, where 32 MiB kept
+  // 86% at ~58 (docs/BENCHMARKS.md).
   std::size_t min_extent_bytes = 0;
-  std::size_t max_extent_bytes = std::size_t{32} << 20;
+  std::size_t max_extent_bytes = std::size_t{8} << 20;
 
   // ---- Handle pool -----------------------------------------------------------
   // Handles created up front at Create (of prealloc_handle_bytes each, 0 = one
