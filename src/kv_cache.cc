@@ -508,8 +508,8 @@ absl::StatusOr<std::vector<PhysicalHandle>> KVCache::Impl::AcquireHandles(
   // 1. Without taking memory from anyone: the growth extent, else the
   //    minimum. A larger extent is speculative and never evicts idle slots.
   for (std::int64_t size : {preferred, minimum}) {
-    absl::StatusOr<std::vector<PhysicalHandle>> handles =
-        pool->Acquire(static_cast<std::size_t>(size), num_regions);
+    absl::StatusOr<std::vector<PhysicalHandle>> handles = pool->Acquire(
+        static_cast<std::size_t>(size), num_regions, /*quiet=*/true);
     if (handles.ok() ||
         handles.status().code() != absl::StatusCode::kResourceExhausted) {
       *bytes = size;
@@ -525,15 +525,16 @@ absl::StatusOr<std::vector<PhysicalHandle>> KVCache::Impl::AcquireHandles(
     absl::StatusOr<std::int64_t> reclaimed = ReclaimOne();
     if (!reclaimed.ok()) return reclaimed.status();
     if (*reclaimed >= minimum && *reclaimed <= preferred) {
-      absl::StatusOr<std::vector<PhysicalHandle>> handles =
-          pool->Acquire(static_cast<std::size_t>(*reclaimed), num_regions);
+      absl::StatusOr<std::vector<PhysicalHandle>> handles = pool->Acquire(
+          static_cast<std::size_t>(*reclaimed), num_regions, /*quiet=*/true);
       if (handles.ok()) {
         *bytes = *reclaimed;
         return handles;
       }
     }
-    absl::StatusOr<std::vector<PhysicalHandle>> handles =
-        pool->Acquire(static_cast<std::size_t>(minimum), num_regions);
+    absl::StatusOr<std::vector<PhysicalHandle>> handles = pool->Acquire(
+        static_cast<std::size_t>(minimum), num_regions,
+        /*quiet=*/*reclaimed != 0);
     if (handles.ok() || *reclaimed == 0 ||
         handles.status().code() != absl::StatusCode::kResourceExhausted) {
       *bytes = minimum;

@@ -66,7 +66,7 @@ absl::StatusOr<bool> PhysicalPool::DestroyOneIdleLocked(std::size_t keep) {
 }
 
 absl::StatusOr<std::vector<PhysicalHandle>> PhysicalPool::Acquire(
-    std::size_t bytes, int count) {
+    std::size_t bytes, int count, bool quiet) {
   std::vector<PhysicalHandle> out;
   out.reserve(static_cast<std::size_t>(count));
   MutexLock lock(&mu_);
@@ -84,7 +84,11 @@ absl::StatusOr<std::vector<PhysicalHandle>> PhysicalPool::Acquire(
     if (missing == 0) return out;
 
     const std::int64_t need = static_cast<std::int64_t>(bytes) * missing;
-    while (HeadroomLocked() < need) {
+    // Destroy idle handles of other sizes only if that makes enough room:
+    // a destroy that still leaves too little would be undone by a create.
+    const bool room_after_destroying =
+        HeadroomLocked() + counters_.idle_bytes >= need;
+    while (room_after_destroying && HeadroomLocked() < need) {
       absl::StatusOr<bool> destroyed = DestroyOneIdleLocked(bytes);
       if (!destroyed.ok()) {
         ReleaseLocked(&out, bytes);
@@ -94,6 +98,12 @@ absl::StatusOr<std::vector<PhysicalHandle>> PhysicalPool::Acquire(
     }
     if (HeadroomLocked() < need) {
       ReleaseLocked(&out, bytes);
+      if (quiet) {
+        // A caller that tries sizes in turn: no message to format.
+        static const absl::Status* const kExhausted = new absl::Status(
+            absl::ResourceExhaustedError("physical budget exhausted"));
+        return *kExhausted;
+      }
       return absl::ResourceExhaustedError(absl::StrFormat(
           "physical budget exhausted: %d more handle(s) of %d bytes need %d "
           "bytes, but %d of the %d-byte budget are in use",

@@ -45,9 +45,12 @@ class PhysicalPool {
   // Hands out `count` handles of `bytes` each: idle ones of that size first,
   // then new ones. To make room it destroys idle handles of other sizes.
   // ResourceExhausted when the budget (or the device) cannot hold them; then
-  // nothing changed except idle handles destroyed on the way. All-or-nothing.
+  // nothing changed (idle handles are destroyed only when that makes
+  // enough room). All-or-nothing. `quiet` skips formatting the message of a
+  // budget refusal, for callers that try several sizes in turn.
   absl::StatusOr<std::vector<PhysicalHandle>> Acquire(std::size_t bytes,
-                                                      int count);
+                                                      int count,
+                                                      bool quiet = false);
   // Takes handles of `bytes` back into the idle pool.
   void Release(std::vector<PhysicalHandle> handles, std::size_t bytes);
   // Creates idle handles of `bytes` until `count` of that size are idle
