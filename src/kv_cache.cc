@@ -295,6 +295,12 @@ struct KVCache::Impl {
   bool UrgentMapAhead(const Slot& s) const {
     return BehindBy(s, std::max<std::int64_t>(1, opts.map_ahead_tokens / 4));
   }
+  // Bytes per region the thread keeps a slot mapped to.
+  std::int64_t LookAheadTarget(const Slot& s) const {
+    return BytesFor(std::min<std::int64_t>(
+        opts.max_tokens,
+        std::max<std::int64_t>(s.length, s.hint) + opts.map_ahead_tokens));
+  }
   bool BehindBy(const Slot& s, std::int64_t ahead) const {
     if (!worker_running || opts.map_ahead_tokens <= 0 || !s.active) {
       return false;
@@ -799,63 +805,76 @@ absl::Status KVCache::Impl::UnmapAllLocked(int slot) {
 
 bool KVCache::Impl::WorkerMapAheadOnceLocked() {
   if (opts.map_ahead_tokens <= 0) return false;
-  // The active slot closest to running out of backed tokens first.
-  int best = -1;
-  std::int64_t best_margin = 0;
-  std::int64_t best_target = 0;
+  // One scan, then every slot that is due, closest to running out first.
+  // (Scanning once per extent instead made the thread read every slot's
+  // cache line per extent, and each of Step's length writes then missed.)
+  struct Due {
+    std::int64_t margin;
+    int slot;
+  };
+  std::vector<Due> due;
   bool adopted_any = false;
+  const std::uint64_t generation = work_generation.load();
   for (int i = 0; i < static_cast<int>(slots.size()); ++i) {
     Slot& s = slots[i];
     if (!s.active || s.busy) continue;
-    const std::int64_t want = std::min<std::int64_t>(
-        opts.max_tokens,
-        std::max<std::int64_t>(s.length, s.hint) + opts.map_ahead_tokens);
-    const std::int64_t target = BytesFor(want);
+    const std::int64_t target = LookAheadTarget(s);
     // Surplus already mapped is looked ahead for free.
     while (s.mapped < target && AdoptNextLocked(s)) adopted_any = true;
     if (s.mapped >= target) continue;
     // A new request's prompt (the hint) is needed at its first Step.
-    const std::int64_t margin =
-        BackedTokens(s.mapped) - std::max<std::int64_t>(s.length, s.hint);
-    if (best < 0 || margin < best_margin) {
-      best = i;
-      best_margin = margin;
-      best_target = target;
+    due.push_back({BackedTokens(s.mapped) -
+                       std::max<std::int64_t>(s.length, s.hint),
+                   i});
+  }
+  std::sort(due.begin(), due.end(), [](const Due& x, const Due& y) {
+    return x.margin < y.margin;
+  });
+  bool did = adopted_any;
+  for (const Due& d : due) {
+    // New work was announced (a new request's prompt, a slot nearly out of
+    // look-ahead): scan again so it is ordered with the rest.
+    if (shutting_down || work_generation.load() != generation) break;
+    Slot& s = slots[d.slot];
+    // The lock was dropped for earlier slots: look again.
+    if (!s.active || s.busy) continue;
+    const std::int64_t target = LookAheadTarget(s);
+    while (s.mapped < target && AdoptNextLocked(s)) did = true;
+    if (s.mapped >= target) continue;
+    const std::int64_t offset = s.mapped;
+    const std::int64_t deficit = target - offset;
+    const std::int64_t preferred = ExtentSize(offset, deficit);
+    s.busy = true;
+    s.mapping = true;
+    Extent extent;
+    absl::Status status;
+    {
+      mu.Unlock();
+      status = MapExtent(d.slot, offset, preferred,
+                         RoundUp(deficit, granularity), &extent);
+      mu.Lock();
     }
-  }
-  if (best < 0) return adopted_any;
-  Slot& s = slots[best];
-  const std::int64_t offset = s.mapped;
-  const std::int64_t deficit = best_target - offset;
-  const std::int64_t preferred = ExtentSize(offset, deficit);
-  s.busy = true;
-  s.mapping = true;
-  Extent extent;
-  absl::Status status;
-  {
-    mu.Unlock();
-    status = MapExtent(best, offset, preferred,
-                       RoundUp(deficit, granularity), &extent);
-    mu.Lock();
-  }
-  s.busy = false;
-  s.mapping = false;
-  state_cv.SignalAll();
-  if (status.ok()) {
-    AppendExtentLocked(s, std::move(extent));
-    ++stats.background_extents;
-    return true;
-  }
-  if (status.code() != absl::StatusCode::kResourceExhausted) {
-    // Unexpected: sticky, returned by the next foreground call.
-    if (background_error.ok()) {
-      background_error = status;
-      has_background_error.store(true, std::memory_order_release);
+    s.busy = false;
+    s.mapping = false;
+    state_cv.SignalAll();
+    if (status.ok()) {
+      AppendExtentLocked(s, std::move(extent));
+      ++stats.background_extents;
+      did = true;
+      continue;
     }
+    if (status.code() != absl::StatusCode::kResourceExhausted) {
+      // Unexpected: sticky, returned by the next foreground call.
+      if (background_error.ok()) {
+        background_error = status;
+        has_background_error.store(true, std::memory_order_release);
+      }
+    }
+    // Out of budget: looking ahead is best effort; the foreground maps (or
+    // fails) when the memory is really needed. Stop until something changes.
+    return false;
   }
-  // Out of budget: looking ahead is best effort; the foreground maps (or
-  // fails) when the memory is really needed. Stop until something changes.
-  return false;
+  return did;
 }
 
 void KVCache::Impl::WorkerLoop() {
