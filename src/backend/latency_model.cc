@@ -96,6 +96,11 @@ void Spin(double micros) {
       std::chrono::duration_cast<std::chrono::steady_clock::duration>(
           std::chrono::duration<double, std::micro>(micros));
   while (std::chrono::steady_clock::now() < deadline) {
+    // Tell the core this is a wait loop, so a sibling hardware thread (the
+    // caller's Step, in benchmarks) is not starved by the model's spinning.
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
   }
 }
 
