@@ -98,13 +98,14 @@ struct KVCache::Impl {
 
   // Fields of type Shared<> may be read without mu (Step's fast path); the
   // rest are guarded by mu.
-  struct Slot {
+  // One cache line (or more) per slot, the fields Step's fast path touches
+  // first: neighbouring slots never share a line, so the thread working on
+  // one slot does not slow Step's writes to the next.
+  struct alignas(64) Slot {
+    // ---- Read (and length/used written) by Step without the lock.
     Shared<bool> active;
-    // A thread is mapping or unmapping this slot's extents without the lock.
-    bool busy = false;
-    // The busy thread is mapping a new extent (it may itself be waiting for
-    // memory, so reclamation must not wait for it).
-    bool mapping = false;
+    // Holds bytes written by an earlier request (for zero_on_reuse).
+    Shared<bool> used;
     Shared<std::int64_t> length;  // Logical tokens.
     Shared<std::int64_t> hint;    // AllocSlot's expected_tokens.
     // The slot's extents, in offset order, hold `held` bytes per region. The
@@ -114,11 +115,15 @@ struct KVCache::Impl {
     // pressure because nothing relies on them. Step's lock-free fast path
     // reads only `mapped`. For an idle slot every extent counts as adopted.
     Shared<std::int64_t> mapped;
-    std::int64_t held = 0;
+    // ---- Guarded by mu.
+    // A thread is mapping or unmapping this slot's extents without the lock.
+    bool busy = false;
+    // The busy thread is mapping a new extent (it may itself be waiting for
+    // memory, so reclamation must not wait for it).
+    bool mapping = false;
     int adopted = 0;
+    std::int64_t held = 0;
     std::vector<Extent> extents;
-    // Holds bytes written by an earlier request (for zero_on_reuse).
-    Shared<bool> used;
     std::uint64_t freed_seq = 0;  // Order of Free, for LRU reclamation.
     // Fences of GPU work that may still read the slot's memory.
     std::vector<FenceId> fences;
