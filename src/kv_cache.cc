@@ -367,6 +367,7 @@ struct KVCache::Impl {
   std::atomic<std::int64_t> step_calls{0};
   std::vector<Slot> slots ABSL_GUARDED_BY(mu);
   std::uint64_t free_seq ABSL_GUARDED_BY(mu) = 0;
+  int active_count ABSL_GUARDED_BY(mu) = 0;
   CacheStats stats ABSL_GUARDED_BY(mu);  // Counters kept here; the rest is
                                          // derived in Stats().
   bool shutting_down ABSL_GUARDED_BY(mu) = false;
@@ -917,10 +918,10 @@ void KVCache::Impl::WorkerLoop() {
     // active (Step wakes the thread only when a slot is nearly out of
     // look-ahead) and a long one otherwise (for work no call announced, such
     // as memory freed by a fence completing).
-    bool any_active = false;
-    for (const Slot& s : slots) any_active = any_active || s.active;
+    // (A counter, not a scan: reading every slot's line here would make
+    // Step's next write to each of them miss.)
     const absl::Duration nap =
-        any_active ? kWorkerPollInterval : absl::Milliseconds(50);
+        active_count > 0 ? kWorkerPollInterval : absl::Milliseconds(50);
     mu.Unlock();
     {
       MutexLock wake_lock(&wake_mu);
@@ -1051,6 +1052,7 @@ absl::StatusOr<int> KVCache::Impl::AllocSlotLocked(
     s.adopted = adopted;
     s.mapped = adopted_bytes;
     s.active = true;
+    ++active_count;
     s.used = false;
     s.length = 0;
     s.hint = expected_tokens;
@@ -1112,6 +1114,7 @@ absl::Status KVCache::Free(int slot, std::optional<Stream> fence) {
     if (id != kCompletedFence) s.fences.push_back(id);
   }
   s.active = false;
+  --m.active_count;
   s.length = 0;
   s.hint = 0;
   s.adopted = static_cast<int>(s.extents.size());
