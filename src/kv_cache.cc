@@ -408,11 +408,13 @@ absl::Status KVCache::Impl::Init() {
   min_extent = std::max(
       granularity,
       RoundUp(static_cast<std::int64_t>(opts.min_extent_bytes), granularity));
-  max_extent = opts.max_extent_bytes == 0
-                   ? min_extent
-                   : std::max(min_extent,
-                              static_cast<std::int64_t>(opts.max_extent_bytes) /
-                                  granularity * granularity);
+  // The cap in bytes if given, else max_extent_tokens' worth; never below
+  // the smallest extent.
+  const std::int64_t cap =
+      opts.max_extent_bytes != 0
+          ? static_cast<std::int64_t>(opts.max_extent_bytes)
+          : opts.max_extent_tokens * token_bytes;
+  max_extent = std::max(min_extent, cap / granularity * granularity);
 
   std::int64_t budget = static_cast<std::int64_t>(opts.memory_budget_bytes);
   if (budget == 0) {
@@ -981,7 +983,9 @@ absl::StatusOr<int> KVCache::Impl::AllocSlotLocked(
   // that covers the hint (an extent cannot be split); what that one holds
   // beyond the hint is waste for the request's life. Extents past it stay
   // surplus: reclaimable, or adopted for free as the request grows.
-  const std::int64_t waste_limit = std::max(max_extent, want / 4);
+  // The request will usually decode into that extent, so waste up to the
+  // hint's own size (or one decode extent) is accepted.
+  const std::int64_t waste_limit = std::max(max_extent, want);
   for (;;) {
     // Best fit: the idle slot that already maps most of the hint, among
     // those whose waste stays within the limit (fresh slots map nothing and

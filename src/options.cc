@@ -62,7 +62,8 @@ absl::Status KVCacheOptions::Validate() const {
         {"num_kv_heads", num_kv_heads},
         {"head_dim", head_dim},
         {"max_slots", max_slots},
-        {"max_tokens", max_tokens}}) {
+        {"max_tokens", max_tokens},
+        {"max_extent_tokens", max_extent_tokens}}) {
     if (absl::Status s = Positive(field, value); !s.ok()) return s;
   }
   if (DTypeSize(dtype) == 0) {

@@ -1795,6 +1795,7 @@ TEST(KVCachePolicyTest, GrowthExtentNeverEvictsIdleSlots) {
   o.num_layers = 1;
   o.num_kv_heads = 8;
   o.head_dim = 128;  // 4 KiB per token: a 2 MiB granule holds 512 tokens.
+  o.max_extent_bytes = std::size_t{32} << 20;  // Decode extents double.
   o.max_slots = 2;
   o.max_tokens = 4096;
   o.memory_budget_bytes = std::size_t{8} << 20;  // 4 granules.
@@ -1828,6 +1829,7 @@ TEST(KVCachePolicyTest, ReclaimedExtentOfAFittingSizeIsMappedAsItIs) {
   o.num_layers = 1;
   o.num_kv_heads = 8;
   o.head_dim = 128;  // 4 KiB per token: a 2 MiB granule holds 512 tokens.
+  o.max_extent_bytes = std::size_t{32} << 20;  // Decode extents double.
   o.max_slots = 2;
   o.max_tokens = 4096;
   o.memory_budget_bytes = std::size_t{8} << 20;

@@ -61,17 +61,22 @@ struct KVCacheOptions {
   // ---- Extent policy -------------------------------------------------------
   // A Grow that needs B more bytes per region maps ONE extent of at least B
   // (so a prefill of P tokens is one extent). Decode growth uses extents that
-  // double with the slot's mapped size, from min_extent_bytes up to
-  // max_extent_bytes: fewer driver calls (the driver charges per handle, not
-  // per byte) against at most one extent of waste per request (per tensor in
-  // the layer-major layout). Under budget pressure an extent falls back to
-  // exactly what the Grow needs. Both are rounded to the granularity; 0
-  // means one granule. The 8 MiB default (64 tokens of Llama-3-8B) came from
-  // benchmarks/capacity: on a long-tail mix it kept 96% of a 16-token paged
-  // allocator's batch at ~65 driver calls per 1000 tokens, where 32 MiB kept
-  // 86% at ~58 (docs/BENCHMARKS.md).
+  // double with the slot's mapped size, from min_extent_bytes up to a cap:
+  // fewer driver calls (the driver charges per handle, not per byte) against
+  // at most one extent of waste per request (per tensor in the layer-major
+  // layout). Under budget pressure an extent falls back to exactly what the
+  // Grow needs. Sizes are rounded to the granularity; min_extent_bytes 0
+  // means one granule.
   std::size_t min_extent_bytes = 0;
-  std::size_t max_extent_bytes = std::size_t{8} << 20;
+  // The cap on decode extents, in tokens (converted with the model's bytes
+  // per token per tensor, rounded down to the granularity, at least one
+  // granule): waste is bounded in tokens whatever the model's size. 64 came
+  // from benchmarks/capacity: on a ShareGPT-like mix it keeps 95-96% of a
+  // 16-token paged allocator's batch for Llama-3-8B and Mistral-7B (8 MiB
+  // extents) at ~65 driver calls per 1000 tokens (docs/BENCHMARKS.md).
+  std::int64_t max_extent_tokens = 64;
+  // Overrides max_extent_tokens with a cap in bytes when non-zero.
+  std::size_t max_extent_bytes = 0;
 
   // ---- Handle pool -----------------------------------------------------------
   // Handles created up front at Create (of prealloc_handle_bytes each, 0 = one
@@ -101,7 +106,8 @@ struct KVCacheOptions {
   int pool_low_water = 0;
   int pool_high_water = 0;
 
-  // InvalidArgument naming the first bad field: a non-positive shape field,
+  // InvalidArgument naming the first bad field: a non-positive shape field
+  // or max_extent_tokens,
   // an enum value outside its type, a byte size above 2^60, products that
   // overflow the address space, min_extent_bytes above max_extent_bytes,
   // negative counts, or pool_low_water above pool_high_water.
