@@ -1299,6 +1299,7 @@ TensorView KVCache::V(int layer) const {
 CacheStats KVCache::Stats() const {
   const Impl& m = *impl_;
   CacheStats out;
+  PhysicalPool::Counters pool;
   {
     MutexLock lock(&m.mu);
     out = m.stats;
@@ -1317,8 +1318,12 @@ CacheStats KVCache::Stats() const {
         ++out.idle_slots_with_memory;
       }
     }
+    // Under the cache lock, so a handle moving between a slot and the pool
+    // (which happens in two steps, the slot's side under this lock) is
+    // never counted on both sides: physical >= mapped + pooled always, with
+    // equality when nothing is in flight.
+    pool = m.pool->counters();
   }
-  const PhysicalPool::Counters pool = m.pool->counters();
   out.physical_bytes = pool.physical_bytes;
   out.pooled_bytes = pool.idle_bytes;
   out.peak_physical_bytes = pool.peak_physical_bytes;
