@@ -65,6 +65,30 @@ absl::StatusOr<bool> PhysicalPool::DestroyOneIdleLocked(std::size_t keep) {
   return true;
 }
 
+absl::Status PhysicalPool::CreateLocked(std::size_t bytes, int count,
+                                       std::vector<PhysicalHandle>* created) {
+  const std::int64_t need = static_cast<std::int64_t>(bytes) * count;
+  pending_bytes_ += need;  // Counted against the budget while unlocked.
+  absl::Status status;
+  mu_.Unlock();
+  for (int i = 0; i < count; ++i) {
+    absl::StatusOr<PhysicalHandle> handle = backend_->Create(bytes);
+    if (!handle.ok()) {
+      status = handle.status();
+      break;
+    }
+    created->push_back(*handle);
+  }
+  mu_.Lock();
+  pending_bytes_ -= need;
+  counters_.physical_bytes +=
+      static_cast<std::int64_t>(created->size() * bytes);
+  counters_.create_calls += static_cast<std::int64_t>(created->size());
+  counters_.peak_physical_bytes =
+      std::max(counters_.peak_physical_bytes, counters_.physical_bytes);
+  return status;
+}
+
 absl::StatusOr<std::vector<PhysicalHandle>> PhysicalPool::Acquire(
     std::size_t bytes, int count, bool quiet) {
   std::vector<PhysicalHandle> out;
@@ -111,28 +135,8 @@ absl::StatusOr<std::vector<PhysicalHandle>> PhysicalPool::Acquire(
           budget_bytes_));
     }
 
-    pending_bytes_ += need;
     std::vector<PhysicalHandle> created;
-    absl::Status status;
-    {
-      mu_.Unlock();
-      for (int i = 0; i < missing; ++i) {
-        absl::StatusOr<PhysicalHandle> handle = backend_->Create(bytes);
-        if (!handle.ok()) {
-          status = handle.status();
-          break;
-        }
-        created.push_back(*handle);
-      }
-      mu_.Lock();
-    }
-    pending_bytes_ -= need;
-    const std::int64_t created_bytes =
-        static_cast<std::int64_t>(created.size() * bytes);
-    counters_.physical_bytes += created_bytes;
-    counters_.create_calls += static_cast<std::int64_t>(created.size());
-    counters_.peak_physical_bytes =
-        std::max(counters_.peak_physical_bytes, counters_.physical_bytes);
+    absl::Status status = CreateLocked(bytes, missing, &created);
     out.insert(out.end(), created.begin(), created.end());
     if (status.ok()) return out;
 
@@ -170,49 +174,11 @@ absl::StatusOr<int> PhysicalPool::Fill(std::size_t bytes, int count) {
   const int missing = static_cast<int>(
       std::min<std::int64_t>(std::max(0, count - idle), affordable));
   if (missing == 0) return 0;
-  const std::int64_t need = static_cast<std::int64_t>(bytes) * missing;
-  pending_bytes_ += need;
   std::vector<PhysicalHandle> created;
-  absl::Status status;
-  {
-    mu_.Unlock();
-    for (int i = 0; i < missing; ++i) {
-      absl::StatusOr<PhysicalHandle> handle = backend_->Create(bytes);
-      if (!handle.ok()) {
-        status = handle.status();
-        break;
-      }
-      created.push_back(*handle);
-    }
-    mu_.Lock();
-  }
-  pending_bytes_ -= need;
-  const std::int64_t created_bytes =
-      static_cast<std::int64_t>(created.size() * bytes);
-  counters_.physical_bytes += created_bytes;
-  counters_.idle_bytes += created_bytes;
-  counters_.create_calls += static_cast<std::int64_t>(created.size());
-  counters_.peak_physical_bytes =
-      std::max(counters_.peak_physical_bytes, counters_.physical_bytes);
-  std::vector<PhysicalHandle>& list = idle_[bytes];
-  list.insert(list.end(), created.begin(), created.end());
+  absl::Status status = CreateLocked(bytes, missing, &created);
+  ReleaseLocked(&created, bytes);
   if (!status.ok()) return status;
   return missing;
-}
-
-absl::Status PhysicalPool::MakeRoom(std::int64_t bytes) {
-  MutexLock lock(&mu_);
-  while (HeadroomLocked() < bytes) {
-    absl::StatusOr<bool> destroyed = DestroyOneIdleLocked(0);
-    if (!destroyed.ok()) return destroyed.status();
-    if (!*destroyed) {
-      return absl::ResourceExhaustedError(absl::StrFormat(
-          "physical budget exhausted: %d bytes needed, %d of %d in use and "
-          "nothing idle",
-          bytes, counters_.physical_bytes + pending_bytes_, budget_bytes_));
-    }
-  }
-  return absl::OkStatus();
 }
 
 absl::Status PhysicalPool::DestroyIdle() {

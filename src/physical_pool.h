@@ -56,9 +56,6 @@ class PhysicalPool {
   // Creates idle handles of `bytes` until `count` of that size are idle
   // (within the budget). Returns how many it created.
   absl::StatusOr<int> Fill(std::size_t bytes, int count);
-  // Destroys idle handles until at least `bytes` are free under the budget,
-  // or none is idle. Returns OK when the room is there.
-  absl::Status MakeRoom(std::int64_t bytes);
   // Destroys every idle handle.
   absl::Status DestroyIdle();
 
@@ -75,6 +72,12 @@ class PhysicalPool {
   absl::StatusOr<bool> DestroyOneIdleLocked(std::size_t keep)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::int64_t HeadroomLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Creates up to `count` handles of `bytes`, dropping mu_ around the driver
+  // calls (their bytes count against the budget meanwhile), appends them to
+  // *created and counts them as physical. The first failure stops it.
+  absl::Status CreateLocked(std::size_t bytes, int count,
+                            std::vector<PhysicalHandle>* created)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves *handles into the idle pool and clears the vector.
   void ReleaseLocked(std::vector<PhysicalHandle>* handles, std::size_t bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
