@@ -3,12 +3,16 @@
 // The KV cache: slots, extents, both layouts, deferred reclamation and the
 // map-ahead thread.
 //
-// Locking. One mutex (mu_) guards every slot and counter. Driver calls never
-// run under it: a thread that maps or unmaps a slot marks the slot busy,
-// drops the lock for the driver calls, then takes it back to commit. Others
-// that need a busy slot wait on state_cv_. A thread that holds a slot busy
-// never waits for another busy slot, so waiting cannot deadlock. Lock order:
-// KVCache::mu_ before PhysicalPool's lock (the pool never calls back).
+// Locking. One mutex (mu) guards the slots' books and the counters. Driver
+// calls never run under it: a thread that maps or unmaps a slot marks the
+// slot busy, drops the lock for the driver calls, then takes it back to
+// commit; others that need a busy slot wait on state_cv. Waiting cannot
+// deadlock: a thread mapping a slot may wait only for a slot another thread
+// is unmapping or zeroing (reclamation), and those threads wait for no slot.
+// Step's fast path takes no lock at all: it reads and writes only the
+// slots' Shared<> fields (see Slot) and flags look-ahead work in due_bits.
+// Lock order: mu, then the PhysicalPool's lock (the pool never calls back);
+// wake_mu is taken alone.
 
 #include <algorithm>
 #include <atomic>
