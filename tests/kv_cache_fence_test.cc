@@ -1,0 +1,298 @@
+// Copyright 2026 The vattn Authors. Licensed under the Apache License 2.0.
+//
+// Stream-ordered safety on the CPU: a backend whose fences complete only
+// when the test says so (standing in for GPU work still reading a freed
+// slot) checks that the cache never unmaps a fenced slot's memory before its
+// fence completes, prefers memory that needs no wait, and waits only when it
+// must.
+
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "gtest/gtest.h"
+#include "src/internal/mutex.h"
+#include "tests/support/test_support.h"
+#include "vattn/vattn.h"
+
+namespace vattn {
+namespace {
+
+constexpr std::size_t kMiB = std::size_t{1} << 20;
+
+// Forwards everything to a Host backend; fences are manual. An Unmap inside
+// a watched range while one of its fences is pending is a violation.
+class ManualFenceBackend : public Backend {
+ public:
+  explicit ManualFenceBackend(std::shared_ptr<Backend> inner)
+      : Backend(Caps(*inner)), inner_(std::move(inner)) {}
+  ~ManualFenceBackend() override { ReleaseAllForShutdown(); }
+
+  // Fences recorded from now on guard [begin, end) until completed.
+  void Watch(DevicePtr begin, DevicePtr end) {
+    internal::MutexLock lock(&mu_);
+    watch_begin_ = begin;
+    watch_end_ = end;
+  }
+  void Complete(FenceId f) {
+    internal::MutexLock lock(&mu_);
+    fences_[f].done = true;
+  }
+  int waits() {
+    internal::MutexLock lock(&mu_);
+    return waits_;
+  }
+  int violations() {
+    internal::MutexLock lock(&mu_);
+    return violations_;
+  }
+  std::vector<FenceId> pending() {
+    internal::MutexLock lock(&mu_);
+    std::vector<FenceId> out;
+    for (const auto& [id, f] : fences_) {
+      if (!f.done) out.push_back(id);
+    }
+    return out;
+  }
+
+ protected:
+  absl::StatusOr<DevicePtr> DoReserve(std::size_t bytes) override {
+    return inner_->Reserve(bytes);
+  }
+  absl::Status DoRelease(DevicePtr va, std::size_t bytes) override {
+    return inner_->Release(va, bytes);
+  }
+  absl::StatusOr<PhysicalHandle> DoCreate(std::size_t bytes) override {
+    return inner_->Create(bytes);
+  }
+  absl::Status DoDestroy(PhysicalHandle h, std::size_t) override {
+    return inner_->Destroy(h);
+  }
+  absl::Status DoMap(DevicePtr va, PhysicalHandle h, std::size_t) override {
+    return inner_->Map(va, h);
+  }
+  absl::Status DoUnmap(DevicePtr va, std::size_t bytes) override {
+    {
+      internal::MutexLock lock(&mu_);
+      for (const auto& [id, f] : fences_) {
+        if (!f.done && va < f.end && va + bytes > f.begin) ++violations_;
+      }
+    }
+    return inner_->Unmap(va, bytes);
+  }
+  absl::Status DoZero(DevicePtr va, std::size_t bytes) override {
+    {
+      internal::MutexLock lock(&mu_);
+      for (const auto& [id, f] : fences_) {
+        if (!f.done && va < f.end && va + bytes > f.begin) ++violations_;
+      }
+    }
+    return inner_->Zero(va, bytes);
+  }
+  absl::Status DoCopyToDevice(DevicePtr dst, const void* src,
+                              std::size_t bytes) override {
+    return inner_->CopyToDevice(dst, src, bytes);
+  }
+  absl::Status DoCopyFromDevice(void* dst, DevicePtr src,
+                                std::size_t bytes) override {
+    return inner_->CopyFromDevice(dst, src, bytes);
+  }
+  absl::StatusOr<FenceId> DoRecordFence(Stream) override {
+    internal::MutexLock lock(&mu_);
+    const FenceId id = next_++;
+    fences_[id] = Fence{watch_begin_, watch_end_, false};
+    return id;
+  }
+  absl::StatusOr<bool> DoFenceDone(FenceId f) override {
+    internal::MutexLock lock(&mu_);
+    return fences_[f].done;
+  }
+  // "The GPU work finishes": waiting completes the fence, and is counted.
+  absl::Status DoWaitFence(FenceId f) override {
+    internal::MutexLock lock(&mu_);
+    if (!fences_[f].done) {
+      ++waits_;
+      fences_[f].done = true;
+    }
+    return absl::OkStatus();
+  }
+  absl::Status DoReleaseFence(FenceId f) override {
+    internal::MutexLock lock(&mu_);
+    fences_.erase(f);
+    return absl::OkStatus();
+  }
+
+ private:
+  struct Fence {
+    DevicePtr begin = 0;
+    DevicePtr end = 0;
+    bool done = false;
+  };
+  static BackendCapabilities Caps(const Backend& inner) {
+    BackendCapabilities caps = inner.capabilities();
+    caps.name = "manual_fences(" + caps.name + ")";
+    caps.has_streams = true;
+    return caps;
+  }
+
+  const std::shared_ptr<Backend> inner_;
+  internal::Mutex mu_;
+  absl::flat_hash_map<FenceId, Fence> fences_ ABSL_GUARDED_BY(mu_);
+  FenceId next_ ABSL_GUARDED_BY(mu_) = 1;
+  DevicePtr watch_begin_ ABSL_GUARDED_BY(mu_) = 0;
+  DevicePtr watch_end_ ABSL_GUARDED_BY(mu_) = 0;
+  int waits_ ABSL_GUARDED_BY(mu_) = 0;
+  int violations_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+class FenceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto host = MakeHostBackend();
+    ASSERT_TRUE(host.ok());
+    backend_ = std::make_shared<ManualFenceBackend>(*host);
+    opts_.num_layers = 1;
+    opts_.num_kv_heads = 8;
+    opts_.head_dim = 128;  // 4 KiB per token: 512 tokens per 2 MiB.
+    opts_.max_slots = 3;
+    opts_.max_tokens = 2048;
+    opts_.max_extent_bytes = 2 * kMiB;
+    opts_.memory_budget_bytes = 4 * kMiB;  // Two extents in all.
+  }
+  void Make() {
+    auto cache = KVCache::Create(opts_, backend_);
+    ASSERT_TRUE(cache.ok()) << cache.status();
+    cache_ = std::move(*cache);
+  }
+  // Fences recorded next guard this slot's whole virtual range.
+  void WatchSlot(int slot) {
+    const TensorView k = cache_->K(0);
+    const DevicePtr begin = k.ElementAddress(slot, 0, 0, 0);
+    const DevicePtr end = k.ElementAddress(slot + 1, 0, 0, 0);
+    backend_->Watch(begin, end);
+  }
+  // A stream handle; the manual backend ignores its value.
+  static Stream AStream() { return reinterpret_cast<Stream>(0x1); }
+
+  std::shared_ptr<ManualFenceBackend> backend_;
+  KVCacheOptions opts_;
+  std::unique_ptr<KVCache> cache_;
+};
+
+TEST_F(FenceTest, FencedMemoryIsReclaimedOnlyAfterItsFenceCompletes) {
+  ASSERT_NO_FATAL_FAILURE(Make());
+  VATTN_ASSERT_OK_AND_ASSIGN(int a, cache_->AllocSlot(512));
+  VATTN_ASSERT_OK(cache_->Grow(a, 512));
+  VATTN_ASSERT_OK_AND_ASSIGN(int b, cache_->AllocSlot(512));
+  VATTN_ASSERT_OK(cache_->Grow(b, 512));  // The budget is full.
+  WatchSlot(a);
+  VATTN_ASSERT_OK(cache_->Free(a, AStream()));  // GPU work still reads a.
+  ASSERT_EQ(backend_->pending().size(), 1u);
+  // b needs a's memory: the cache must wait for a's fence, then unmap.
+  VATTN_ASSERT_OK(cache_->Grow(b, 1024));
+  EXPECT_EQ(backend_->violations(), 0);
+  EXPECT_EQ(backend_->waits(), 1);
+  EXPECT_EQ(cache_->Stats().fence_waits, 1);
+  EXPECT_EQ(cache_->Stats().reclaimed_extents, 1);
+  cache_.reset();
+  EXPECT_TRUE(backend_->counters().Empty());
+}
+
+TEST_F(FenceTest, ReclamationPrefersMemoryWhoseFenceHasCompleted) {
+  opts_.memory_budget_bytes = 6 * kMiB;
+  ASSERT_NO_FATAL_FAILURE(Make());
+  VATTN_ASSERT_OK_AND_ASSIGN(int a, cache_->AllocSlot(512));
+  VATTN_ASSERT_OK(cache_->Grow(a, 512));
+  VATTN_ASSERT_OK_AND_ASSIGN(int b, cache_->AllocSlot(512));
+  VATTN_ASSERT_OK(cache_->Grow(b, 512));
+  VATTN_ASSERT_OK_AND_ASSIGN(int c, cache_->AllocSlot(512));
+  VATTN_ASSERT_OK(cache_->Grow(c, 512));
+  WatchSlot(a);
+  VATTN_ASSERT_OK(cache_->Free(a, AStream()));  // Freed first, still busy.
+  WatchSlot(b);
+  VATTN_ASSERT_OK(cache_->Free(b, AStream()));
+  const std::vector<FenceId> fences = backend_->pending();
+  ASSERT_EQ(fences.size(), 2u);
+  // b's GPU work has finished, a's has not: b goes first, no wait, even
+  // though a was freed earlier.
+  backend_->Complete(fences[0] > fences[1] ? fences[0] : fences[1]);
+  VATTN_ASSERT_OK(cache_->Grow(c, 1024));
+  EXPECT_EQ(backend_->waits(), 0);
+  EXPECT_EQ(backend_->violations(), 0);
+  VATTN_ASSERT_OK_AND_ASSIGN(SlotInfo info_a, cache_->GetSlot(a));
+  VATTN_ASSERT_OK_AND_ASSIGN(SlotInfo info_b, cache_->GetSlot(b));
+  EXPECT_EQ(info_a.mapped_bytes, std::int64_t{2} << 20);
+  EXPECT_EQ(info_b.mapped_bytes, 0);
+  cache_.reset();
+  EXPECT_TRUE(backend_->counters().Empty());
+}
+
+TEST_F(FenceTest, ReusingAFencedSlotKeepsItsFenceUntilItIsReclaimed) {
+  ASSERT_NO_FATAL_FAILURE(Make());
+  VATTN_ASSERT_OK_AND_ASSIGN(int a, cache_->AllocSlot(1024));
+  VATTN_ASSERT_OK(cache_->Grow(a, 1024));  // 4 MiB: the whole budget.
+  WatchSlot(a);
+  VATTN_ASSERT_OK(cache_->Free(a, AStream()));
+  // A short request reuses a (adopting its one 4 MiB extent): the old
+  // request's fence stays with the slot, since its GPU work may still read
+  // the memory the new request has not written yet.
+  VATTN_ASSERT_OK_AND_ASSIGN(int again, cache_->AllocSlot(100));
+  EXPECT_EQ(again, a);
+  EXPECT_EQ(backend_->pending().size(), 1u);
+  VATTN_ASSERT_OK(cache_->Grow(a, 100));
+  EXPECT_EQ(backend_->violations(), 0);
+  cache_.reset();  // Waits for the fence before unmapping.
+  EXPECT_EQ(backend_->violations(), 0);
+  EXPECT_EQ(backend_->waits(), 1);
+  EXPECT_TRUE(backend_->counters().Empty());
+}
+
+TEST_F(FenceTest, ZeroOnReuseWaitsForTheFenceBeforeWriting) {
+  opts_.zero_on_reuse = true;
+  ASSERT_NO_FATAL_FAILURE(Make());
+  VATTN_ASSERT_OK_AND_ASSIGN(int a, cache_->AllocSlot(512));
+  VATTN_ASSERT_OK(cache_->Grow(a, 512));
+  WatchSlot(a);
+  VATTN_ASSERT_OK(cache_->Free(a, AStream()));
+  VATTN_ASSERT_OK_AND_ASSIGN(int again, cache_->AllocSlot(512));
+  EXPECT_EQ(again, a);
+  EXPECT_EQ(backend_->violations(), 0) << "zeroed under running GPU work";
+  EXPECT_EQ(backend_->waits(), 1);
+  cache_.reset();
+  EXPECT_TRUE(backend_->counters().Empty());
+}
+
+TEST_F(FenceTest, DestroyingTheCacheWaitsForEveryFence) {
+  ASSERT_NO_FATAL_FAILURE(Make());
+  for (int i = 0; i < 2; ++i) {
+    VATTN_ASSERT_OK_AND_ASSIGN(int s, cache_->AllocSlot(512));
+    VATTN_ASSERT_OK(cache_->Grow(s, 512));
+    WatchSlot(s);
+    VATTN_ASSERT_OK(cache_->Free(s, AStream()));
+  }
+  ASSERT_EQ(backend_->pending().size(), 2u);
+  cache_.reset();
+  EXPECT_EQ(backend_->violations(), 0);
+  EXPECT_EQ(backend_->waits(), 2);
+  EXPECT_TRUE(backend_->counters().Empty());
+}
+
+TEST_F(FenceTest, WithoutDeferralFreeWaitsThenUnmaps) {
+  opts_.defer_reclaim = false;
+  ASSERT_NO_FATAL_FAILURE(Make());
+  VATTN_ASSERT_OK_AND_ASSIGN(int a, cache_->AllocSlot(512));
+  VATTN_ASSERT_OK(cache_->Grow(a, 512));
+  WatchSlot(a);
+  VATTN_ASSERT_OK(cache_->Free(a, AStream()));
+  EXPECT_EQ(backend_->violations(), 0);
+  EXPECT_EQ(backend_->waits(), 1);
+  VATTN_ASSERT_OK_AND_ASSIGN(SlotInfo info, cache_->GetSlot(a));
+  EXPECT_EQ(info.mapped_bytes, 0);
+  cache_.reset();
+  EXPECT_TRUE(backend_->counters().Empty());
+}
+
+}  // namespace
+}  // namespace vattn
