@@ -30,6 +30,13 @@ namespace vattn::internal {
 // symbol dlsym falls back to. cuda.h #defines several names to their _v2
 // forms (cuMemsetD8 -> cuMemsetD8_v2, ...); the member of CudaDriver is
 // declared through the same macro, so `driver.cuMemsetD8(...)` names it.
+//
+// Only add a name whose newest ABI at CUDA_VERSION is the one cuda.h declares
+// under it: cuGetProcAddress returns the newest variant, and CUDA 13 gave
+// some names a new signature without a #define (cudaTypedefs.h lists them:
+// PFN_cuCtxSynchronize_v13000 takes a CUcontext, PFN_cuCtxGetDevice_v13000
+// too), so `driver.cuCtxSynchronize()` would call the new ABI with no
+// argument. Check cudaTypedefs.h for a PFN_<name>_v<newer> before adding one.
 #define VATTN_CUDA_DRIVER_ENTRY_POINTS(X)                          \
   X(cuInit, cuInit)                                                \
   X(cuGetErrorName, cuGetErrorName)                                \
@@ -43,7 +50,6 @@ namespace vattn::internal {
   X(cuDevicePrimaryCtxRelease, cuDevicePrimaryCtxRelease_v2)       \
   X(cuCtxSetCurrent, cuCtxSetCurrent)                              \
   X(cuCtxGetCurrent, cuCtxGetCurrent)                              \
-  X(cuCtxSynchronize, cuCtxSynchronize)                            \
   X(cuMemGetAllocationGranularity, cuMemGetAllocationGranularity)  \
   X(cuMemAddressReserve, cuMemAddressReserve)                      \
   X(cuMemAddressFree, cuMemAddressFree)                            \
