@@ -14,10 +14,13 @@
 //   vattn/options.h  KVCacheOptions, DType, Layout
 //   vattn/stats.h    CacheStats
 //   vattn/kv_cache.h KVCache, TensorView, StepRequest
+//   vattn/c_api.h    the C API over all of the above (C callers include it
+//                    alone)
 #ifndef VATTN_VATTN_H_
 #define VATTN_VATTN_H_
 
 #include "vattn/backend.h"
+#include "vattn/c_api.h"
 #include "vattn/export.h"
 #include "vattn/kv_cache.h"
 #include "vattn/options.h"

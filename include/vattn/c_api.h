@@ -1,0 +1,348 @@
+/* Copyright 2026 The vattn Authors. Licensed under the Apache License 2.0.
+ *
+ * vattn's C API: the KV cache and its backends for C, and for other languages
+ * through their C foreign-function interfaces (Python's ctypes or cffi, Rust,
+ * Go, ...). Plain C99; the same header compiles as C++.
+ *
+ * It is a thin layer over the C++ API (vattn/kv_cache.h, vattn/backend.h);
+ * the comments there say what each operation does in detail. Here:
+ *
+ *  * Status. Every function that can fail returns an int: 0 (VATTN_OK) on
+ *    success, otherwise one of the vattn_status codes below, which are
+ *    absl::StatusCode's numeric values. The codes mean what vattn/status.h
+ *    says (InvalidArgument: bad options, a bad slot or layer, a NULL
+ *    argument; OutOfRange: beyond max_tokens; FailedPrecondition: a freed
+ *    slot; ResourceExhausted: budget or memory used up; Unavailable: no
+ *    driver or device; Internal: the driver or OS said something else).
+ *    No C++ exception ever leaves these functions.
+ *  * Last error. A failing call stores a message ("CODE: function: what
+ *    happened", naming the offending argument or options field) in
+ *    thread-local storage; vattn_last_error() returns it. A successful call
+ *    leaves it unchanged (like errno), so read it right after the failing
+ *    call. The pointer is valid until the next vattn call on that thread.
+ *  * Outputs. Output arguments are written only on success, except that a
+ *    handle output (vattn_backend**, vattn_cache**) is set to NULL when the
+ *    call fails and the pointer to it is not NULL.
+ *  * Versioned structs. vattn_cache_options, vattn_cache_stats and
+ *    vattn_slot_info start with `size_t struct_size`, which the caller sets to
+ *    sizeof the struct it was compiled with; a size this library does not
+ *    know is InvalidArgument, so a program built against another version of
+ *    this header fails cleanly instead of reading or writing past a struct.
+ *  * Threads. As in C++: every call is thread-safe, and calls on one cache
+ *    from several threads at once are fine. A handle must not be released or
+ *    destroyed while another thread is using it, nor used afterwards.
+ *  * Ownership. vattn_backend_host and vattn_backend_cuda return a backend
+ *    handle owned by the caller (vattn_backend_release). A cache holds its
+ *    own reference to its backend, so the caller may release the backend
+ *    handle right after vattn_cache_create; the backend lives until its last
+ *    cache is destroyed. vattn_cache_create returns a cache owned by the
+ *    caller (vattn_cache_destroy).
+ *
+ * A decode loop, shortened (check every return code):
+ *
+ *   vattn_backend* backend;
+ *   vattn_backend_host(&backend);           // or vattn_backend_cuda(0, ...)
+ *   vattn_cache_options opts;
+ *   vattn_cache_options_default(&opts);     // sets struct_size too
+ *   opts.max_slots = 64;
+ *   vattn_cache* cache;
+ *   vattn_cache_create(&opts, backend, &cache);
+ *   vattn_backend_release(backend);         // the cache keeps its own
+ *   int slot;
+ *   vattn_cache_alloc_slot(cache, 500, &slot);
+ *   vattn_cache_grow(cache, slot, 500);     // prefill
+ *   vattn_step_request req = {slot, 501};
+ *   vattn_cache_step(cache, &req, 1, NULL); // one decode step
+ *   vattn_cache_free(cache, slot, NULL, 0);
+ *   vattn_cache_destroy(cache);
+ */
+#ifndef VATTN_C_API_H_
+#define VATTN_C_API_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "vattn/export.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- Status codes (absl::StatusCode's values) ---------------------------- */
+typedef enum vattn_status {
+  VATTN_OK = 0,
+  VATTN_CANCELLED = 1,
+  VATTN_UNKNOWN = 2,
+  VATTN_INVALID_ARGUMENT = 3,
+  VATTN_DEADLINE_EXCEEDED = 4,
+  VATTN_NOT_FOUND = 5,
+  VATTN_ALREADY_EXISTS = 6,
+  VATTN_PERMISSION_DENIED = 7,
+  VATTN_RESOURCE_EXHAUSTED = 8,
+  VATTN_FAILED_PRECONDITION = 9,
+  VATTN_ABORTED = 10,
+  VATTN_OUT_OF_RANGE = 11,
+  VATTN_UNIMPLEMENTED = 12,
+  VATTN_INTERNAL = 13,
+  VATTN_UNAVAILABLE = 14,
+  VATTN_DATA_LOSS = 15,
+  VATTN_UNAUTHENTICATED = 16
+} vattn_status;
+
+/* The message of the most recent failed vattn call on this thread, or "" if
+ * none has failed. Never NULL. Valid until the next vattn call on this
+ * thread; copy it to keep it. */
+VATTN_EXPORT const char* vattn_last_error(void);
+
+/* ---- Enumerations (values of vattn::DType and vattn::Layout) ------------- */
+typedef enum vattn_dtype {
+  VATTN_DTYPE_FLOAT16 = 0,
+  VATTN_DTYPE_BFLOAT16 = 1,
+  VATTN_DTYPE_FLOAT32 = 2,
+  VATTN_DTYPE_FLOAT8_E4M3 = 3,
+  VATTN_DTYPE_INT8 = 4
+} vattn_dtype;
+
+typedef enum vattn_layout {
+  /* One buffer [slots][max_tokens][layers][2 (K,V)][kv_heads][head_dim]. */
+  VATTN_LAYOUT_TOKEN_MAJOR = 0,
+  /* Per-layer packed K and V tensors [slots][max_tokens][kv_heads][head_dim]. */
+  VATTN_LAYOUT_LAYER_MAJOR = 1
+} vattn_layout;
+
+/* Bytes per element of `dtype` (a vattn_dtype value) in *out.
+ * InvalidArgument: out is NULL or dtype is not a vattn_dtype. */
+VATTN_EXPORT int vattn_dtype_size(int dtype, size_t* out);
+
+/* ---- Backends ------------------------------------------------------------ */
+/* An opaque reference to a physical-memory backend (vattn::Backend). */
+typedef struct vattn_backend vattn_backend;
+
+/* The Host backend with default options (CPU memory, 2 MiB granularity, the
+ * machine's physical memory as its limit). The caller owns *out.
+ * InvalidArgument: out is NULL. Otherwise the C++ factory's errors. */
+VATTN_EXPORT int vattn_backend_host(vattn_backend** out);
+
+/* The CUDA backend of device `device`. libcuda.so.1 is loaded at run time:
+ * without a driver or device this is Unavailable, with the reason in
+ * vattn_last_error(). InvalidArgument: out is NULL or the ordinal is out of
+ * range. The caller owns *out. */
+VATTN_EXPORT int vattn_backend_cuda(int device, vattn_backend** out);
+
+/* Drops the caller's reference. Caches made on the backend keep theirs, so it
+ * lives on until the last of them is destroyed. NULL is ignored. The handle
+ * must not be used afterwards, nor released while another thread uses it. */
+VATTN_EXPORT void vattn_backend_release(vattn_backend* backend);
+
+/* Number of CUDA devices in *out (0 with a driver and no device).
+ * Unavailable: no CUDA driver can be loaded. InvalidArgument: out is NULL. */
+VATTN_EXPORT int vattn_cuda_device_count(int* out);
+
+/* ---- Cache options (vattn::KVCacheOptions) ------------------------------- */
+/* Mirrors vattn::KVCacheOptions field by field (see vattn/options.h for what
+ * each one trades off); booleans are ints (0 false, anything else true) and
+ * enums are ints. Fill it with vattn_cache_options_default, then change what
+ * you need. */
+typedef struct vattn_cache_options {
+  size_t struct_size; /* sizeof(vattn_cache_options); set by _default. */
+
+  /* Shape. */
+  int num_layers;
+  int num_kv_heads;
+  int head_dim;
+  int dtype;          /* a vattn_dtype */
+  int max_slots;
+  int64_t max_tokens;
+  int layout;         /* a vattn_layout */
+
+  /* Physical memory. */
+  size_t memory_budget_bytes; /* 0: the backend's physical memory. */
+
+  /* Extent policy. */
+  size_t min_extent_bytes;
+  int64_t max_extent_tokens;
+  size_t max_extent_bytes;
+
+  /* Handle pool. */
+  int prealloc_handles;
+  size_t prealloc_handle_bytes;
+
+  /* Reclamation and isolation. */
+  int defer_reclaim;
+  int zero_on_reuse;
+
+  /* Map-ahead. */
+  int64_t map_ahead_tokens;
+  int pool_low_water;
+  int pool_high_water;
+} vattn_cache_options;
+
+/* Fills *options with the C++ defaults (KVCacheOptions{}) and sets
+ * struct_size. NULL is ignored. */
+VATTN_EXPORT void vattn_cache_options_default(vattn_cache_options* options);
+
+/* ---- The cache ------------------------------------------------------------ */
+/* An opaque KV cache (vattn::KVCache). */
+typedef struct vattn_cache vattn_cache;
+
+/* Makes a cache on `backend` with `options`. The cache takes its own
+ * reference to the backend; the caller owns *out (vattn_cache_destroy).
+ * InvalidArgument: a NULL argument, an unknown options->struct_size, options
+ * that fail validation (the message names the field), or a cache larger than
+ * the backend can reserve. Also the backend's errors while reserving or
+ * pre-creating handles (nothing is left behind). */
+VATTN_EXPORT int vattn_cache_create(const vattn_cache_options* options,
+                                    vattn_backend* backend, vattn_cache** out);
+
+/* Destroys the cache: joins its map-ahead thread, waits for GPU work fenced
+ * at vattn_cache_free, and gives back every mapping, handle and reservation.
+ * NULL is ignored. No other thread may be using the cache. */
+VATTN_EXPORT void vattn_cache_destroy(vattn_cache* cache);
+
+/* Takes a free slot for a new request (length 0) into *slot, preferring an
+ * idle slot whose memory fits `expected_tokens` (the prompt length, say).
+ * InvalidArgument: NULL argument or expected_tokens < 0. OutOfRange: above
+ * max_tokens. ResourceExhausted: every slot is active. */
+VATTN_EXPORT int vattn_cache_alloc_slot(vattn_cache* cache,
+                                        int64_t expected_tokens, int* slot);
+
+/* Backs tokens [0, tokens) of `slot` and sets its length to
+ * max(length, tokens). InvalidArgument: NULL cache, bad slot, tokens < 0.
+ * OutOfRange: tokens > max_tokens. FailedPrecondition: the slot is not
+ * active. ResourceExhausted: the budget cannot hold the memory even after
+ * reclaiming idle slots (the slot is then unchanged). */
+VATTN_EXPORT int vattn_cache_grow(vattn_cache* cache, int slot,
+                                  int64_t tokens);
+
+/* Lowers the slot's length to `tokens`; unmaps nothing. InvalidArgument:
+ * NULL cache, bad slot, tokens < 0 or above the length.
+ * FailedPrecondition: the slot is not active. */
+VATTN_EXPORT int vattn_cache_shrink(vattn_cache* cache, int slot,
+                                    int64_t tokens);
+
+/* Ends the slot's request; its memory stays mapped for the next request
+ * placed there (unless defer_reclaim is off). With has_fence non-zero, a
+ * fence is recorded on `stream` (a CUstream; NULL is the legacy default
+ * stream) and the memory is never unmapped before the work queued there has
+ * finished; with has_fence 0, `stream` is ignored. InvalidArgument: NULL
+ * cache or bad slot. FailedPrecondition: the slot is not active. */
+VATTN_EXPORT int vattn_cache_free(vattn_cache* cache, int slot,
+                                  void* stream, int has_fence);
+
+/* One active request of a decode step: after vattn_cache_step succeeds, the
+ * slot is backed to, and has its length set to, `tokens` (counting the
+ * tokens the step writes). */
+typedef struct vattn_step_request {
+  int slot;
+  int64_t tokens;
+} vattn_step_request;
+
+/* What one step cost the caller. */
+typedef struct vattn_step_result {
+  int misses;         /* Slots the step had to map on the caller's thread. */
+  int64_t map_nanos;  /* Time spent mapping (or waiting) on that thread. */
+} vattn_step_result;
+
+/* Prepares one decode step for the `n` requests in `requests` (which may be
+ * NULL when n is 0). When the map-ahead thread kept up this is bookkeeping
+ * only. Writes *result when it is not NULL. Errors as vattn_cache_grow's for
+ * the first failing request (requests before it stay grown; bad slots or
+ * token counts change nothing), and the map-ahead thread's sticky error. */
+VATTN_EXPORT int vattn_cache_step(vattn_cache* cache,
+                                  const vattn_step_request* requests, size_t n,
+                                  vattn_step_result* result);
+
+/* A strided 4-D view of one layer's K or V for every slot:
+ * shape = {max_slots, max_tokens, num_kv_heads, head_dim}; element
+ * (b, t, h, d) is at data + (b*strides[0] + t*strides[1] + h*strides[2] +
+ * d*strides[3]) * element size (vattn_dtype_size) bytes. Only tokens a grow
+ * or step has backed may be touched. `data` is a device address on device
+ * backends; it stays valid until the cache is destroyed. */
+typedef struct vattn_tensor_view {
+  void* data;
+  int dtype; /* a vattn_dtype */
+  int64_t shape[4];
+  int64_t strides[4]; /* In elements. */
+} vattn_tensor_view;
+
+/* The K (or V) view of `layer` in *out. InvalidArgument: a NULL argument or
+ * a layer outside [0, num_layers). */
+VATTN_EXPORT int vattn_cache_k(const vattn_cache* cache, int layer,
+                               vattn_tensor_view* out);
+VATTN_EXPORT int vattn_cache_v(const vattn_cache* cache, int layer,
+                               vattn_tensor_view* out);
+
+/* A snapshot of the cache's memory and driver activity; mirrors
+ * vattn::CacheStats field by field (see vattn/stats.h). */
+typedef struct vattn_cache_stats {
+  size_t struct_size; /* The caller sets sizeof(vattn_cache_stats). */
+
+  /* Memory now (bytes). */
+  int64_t physical_bytes;
+  int64_t pooled_bytes;
+  int64_t mapped_bytes;
+  int64_t surplus_bytes;
+  int64_t logical_bytes;
+  int64_t budget_bytes;
+  int64_t peak_physical_bytes;
+
+  /* Slots. */
+  int64_t active_slots;
+  int64_t idle_slots_with_memory;
+
+  /* Driver calls made by this cache. */
+  int64_t create_calls;
+  int64_t destroy_calls;
+  int64_t map_calls;
+  int64_t unmap_calls;
+
+  /* Policy outcomes. */
+  int64_t grow_calls;
+  int64_t extents_mapped;
+  int64_t reuse_hits;
+  int64_t adopted_extents;
+  int64_t reclaimed_bytes;
+  int64_t reclaimed_extents;
+  int64_t fence_waits;
+  int64_t zeroed_bytes;
+
+  /* Step and map-ahead. */
+  int64_t step_calls;
+  int64_t step_misses;
+  int64_t step_map_nanos;
+  int64_t background_extents;
+  int64_t background_creates;
+} vattn_cache_stats;
+
+/* Fills *out (whose struct_size the caller has set). InvalidArgument: a NULL
+ * argument or an unknown out->struct_size. */
+VATTN_EXPORT int vattn_cache_get_stats(const vattn_cache* cache,
+                                       vattn_cache_stats* out);
+
+/* A snapshot of one slot (vattn::SlotInfo). */
+typedef struct vattn_slot_info {
+  size_t struct_size; /* The caller sets sizeof(vattn_slot_info). */
+  int active;                /* 1 while a request holds the slot. */
+  int extents;
+  int64_t length;            /* Logical tokens. */
+  int64_t backed_tokens;     /* Tokens that may be touched. */
+  int64_t mapped_bytes;      /* Physical bytes mapped, all tensors. */
+  int64_t adopted_bytes;     /* Of mapped_bytes, those backing the request. */
+} vattn_slot_info;
+
+/* Fills *out (whose struct_size the caller has set) for `slot`.
+ * InvalidArgument: a NULL argument, an unknown out->struct_size or a bad
+ * slot. */
+VATTN_EXPORT int vattn_cache_get_slot(const vattn_cache* cache, int slot,
+                                      vattn_slot_info* out);
+
+/* Bytes of K and V, all layers, of one token, in *out. InvalidArgument: a
+ * NULL argument. */
+VATTN_EXPORT int vattn_cache_bytes_per_token(const vattn_cache* cache,
+                                             int64_t* out);
+
+#ifdef __cplusplus
+}  /* extern "C" */
+#endif
+
+#endif /* VATTN_C_API_H_ */
