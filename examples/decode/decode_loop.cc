@@ -547,6 +547,19 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
     host_out.resize(static_cast<std::size_t>(L * out_layer_elems));
   }
 
+  // The kernels read vattn's views where they run: device 0's (the CUDA
+  // kernels call SetDevice(0)) or the CPU's. A backend of another device, or
+  // a CUDA backend under the CPU kernels, would fault instead of failing.
+  if (c.engine == Engine::kVattn && c.backend != nullptr) {
+    const vattn::BackendCapabilities& caps = c.backend->capabilities();
+    if (gpu ? caps.device != 0 : !caps.host_accessible) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "backend ", caps.name, " cannot serve the ",
+          gpu ? "CUDA kernels (they run on device 0)" : "CPU kernels",
+          " (its memory is not addressable there)"));
+    }
+  }
+
   std::unique_ptr<KvStore> store;
   if (c.engine == Engine::kVattn) {
     VATTN_ASSIGN_OR_RETURN(store, VattnStore::Create(c, rows, dev.stream));
