@@ -36,9 +36,10 @@ RUN_BUDGET_S="${VATTN_RUN_BUDGET_S:-480}"
 RUN_START=$(date +%s)
 
 # Seconds a step may take: its own cap, cut to the budget that is left
-# (minus 10 s for the summary). Prints 0 when under 20 s are left.
+# (minus 25 s: a step that ignores SIGTERM is killed 10 s later, and the
+# summary comes after). Prints 0 when under 20 s are left.
 step_timeout() {
-  local left=$((RUN_BUDGET_S - ($(date +%s) - RUN_START) - 10))
+  local left=$((RUN_BUDGET_S - ($(date +%s) - RUN_START) - 25))
   if ((left < 20)); then echo 0; elif (($1 < left)); then echo "$1"; else echo "$left"; fi
 }
 # Appends a step's log to logs.txt under a header.
@@ -95,7 +96,7 @@ for t in "${tests[@]}"; do
     status=1; continue
   fi
   start=$(date +%s.%N)
-  timeout "$limit" "$bin" --gtest_output="json:$RESULTS/$t.json" \
+  timeout -k 10 "$limit" "$bin" --gtest_output="json:$RESULTS/$t.json" \
     --gtest_color=no "$@" >"$log" 2>&1
   rc=$?
   keep_log "$t (rc=$rc)" "$log"
@@ -142,7 +143,7 @@ if [[ -x "$HERE/map_bench" && "${VATTN_SKIP_MAP_BENCH:-}" != 1 ]] &&
   echo
   echo "== map_bench --backends=host,cuda (JSON: $RESULTS/map_bench.json)"
   start=$(date +%s.%N)
-  timeout "$limit" "$HERE/map_bench" --backends=host,cuda \
+  timeout -k 10 "$limit" "$HERE/map_bench" --backends=host,cuda \
     --benchmark_out="$RESULTS/map_bench.json" --benchmark_out_format=json \
     >"$WORK/map_bench.log" 2>&1
   rc=$?
@@ -180,7 +181,7 @@ if [[ -x "$HERE/batch_decode" && "${VATTN_SKIP_BATCH_DECODE:-}" != 1 ]]; then
     echo
     echo "== batch_decode $* (JSON: $RESULTS/$name.json)"
     start=$(date +%s.%N)
-    timeout "$limit" "$HERE/batch_decode" --backend=cuda --no-progress \
+    timeout -k 10 "$limit" "$HERE/batch_decode" --backend=cuda --no-progress \
       --compare-paged --json="$RESULTS/$name.json" "$@" >"$WORK/$name.log" 2>&1
     rc=$?
     keep_log "$name (rc=$rc)" "$WORK/$name.log"
