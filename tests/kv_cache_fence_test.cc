@@ -26,9 +26,15 @@ constexpr std::size_t kMiB = std::size_t{1} << 20;
 // a watched range while one of its fences is pending is a violation.
 class ManualFenceBackend : public Backend {
  public:
-  explicit ManualFenceBackend(std::shared_ptr<Backend> inner)
-      : Backend(Caps(*inner)), inner_(std::move(inner)) {}
-  ~ManualFenceBackend() override { ReleaseAllForShutdown(); }
+  // `tally`, if given, receives the violation count when the backend dies.
+  explicit ManualFenceBackend(std::shared_ptr<Backend> inner,
+                              std::shared_ptr<int> tally = nullptr)
+      : Backend(Caps(*inner)), inner_(std::move(inner)),
+        tally_(std::move(tally)) {}
+  ~ManualFenceBackend() override {
+    ReleaseAllForShutdown();
+    if (tally_ != nullptr) *tally_ = violations();
+  }
 
   // Fences recorded from now on guard [begin, end) until completed.
   void Watch(DevicePtr begin, DevicePtr end) {
@@ -118,9 +124,11 @@ class ManualFenceBackend : public Backend {
     }
     return absl::OkStatus();
   }
+  // Releasing a fence does not stop the GPU work behind it: a fence
+  // released before it completed keeps guarding its range (for ever).
   absl::Status DoReleaseFence(FenceId f) override {
     internal::MutexLock lock(&mu_);
-    fences_.erase(f);
+    if (fences_[f].done) fences_.erase(f);
     return absl::OkStatus();
   }
 
@@ -138,6 +146,7 @@ class ManualFenceBackend : public Backend {
   }
 
   const std::shared_ptr<Backend> inner_;
+  const std::shared_ptr<int> tally_;
   internal::Mutex mu_;
   absl::flat_hash_map<FenceId, Fence> fences_ ABSL_GUARDED_BY(mu_);
   FenceId next_ ABSL_GUARDED_BY(mu_) = 1;
@@ -292,6 +301,26 @@ TEST_F(FenceTest, WithoutDeferralFreeWaitsThenUnmaps) {
   EXPECT_EQ(info.mapped_bytes, 0);
   cache_.reset();
   EXPECT_TRUE(backend_->counters().Empty());
+}
+
+// A caller that leaks a fenced mapping: destroying the backend waits for the
+// fence before it unmaps.
+TEST(ManualFenceBackendTest, DestroyingTheBackendWaitsForLeakedFences) {
+  auto host = MakeHostBackend();
+  ASSERT_TRUE(host.ok());
+  auto tally = std::make_shared<int>(-1);
+  {
+    auto backend = std::make_shared<ManualFenceBackend>(*host, tally);
+    const std::size_t g = backend->granularity();
+    VATTN_ASSERT_OK_AND_ASSIGN(DevicePtr va, backend->Reserve(4 * g));
+    VATTN_ASSERT_OK_AND_ASSIGN(PhysicalHandle h, backend->Create(g));
+    VATTN_ASSERT_OK(backend->Map(va, h));
+    backend->Watch(va, va + g);
+    VATTN_ASSERT_OK_AND_ASSIGN(FenceId f, backend->RecordFence(nullptr));
+    EXPECT_NE(f, kCompletedFence);
+  }  // Leaked: the mapping, the handle, the reservation and the fence.
+  EXPECT_EQ(*tally, 0) << "unmapped under a pending fence";
+  EXPECT_TRUE((*host)->counters().Empty());
 }
 
 }  // namespace

@@ -29,18 +29,19 @@
 //  * Failure. A call that returns an error changes nothing: counters, live
 //    objects and memory are exactly as before the call. Out of memory (device
 //    memory, or the Host backend's physical limit) is ResourceExhausted;
-//    a missing driver or device is Unavailable; any other driver or OS error
-//    is Internal, its message naming the call, file:line and the driver's
-//    error name.
+//    a missing driver or device is Unavailable; a driver's "invalid value"
+//    is InvalidArgument; any other driver or OS error is Internal. Driver
+//    errors name the call, file:line and the driver's error name.
 //  * Threads. Every method may be called from any thread at any time. Calls
 //    on disjoint objects run concurrently as far as the driver allows (the
 //    CUDA driver serializes mapping internally); calls racing on the same
 //    object are resolved in some order, and a call that finds an object busy
 //    in another thread's call fails with FailedPrecondition.
-//  * Lifetime. Destroying a Backend takes back whatever is still live
-//    (mappings, handles, reservations, fences), in that order, so a leak in a
-//    caller can never outlive the backend. Callers that want to prove they
-//    leaked nothing compare counters() before and after.
+//  * Lifetime. Destroying a Backend takes back whatever is still live: it
+//    waits for and releases live fences, then unmaps mappings, destroys
+//    handles and releases reservations, so a leak in a caller can never
+//    outlive the backend. Callers that want to prove they leaked nothing
+//    compare counters() before and after.
 #ifndef VATTN_BACKEND_H_
 #define VATTN_BACKEND_H_
 

@@ -487,7 +487,12 @@ void Backend::ReleaseAllForShutdown() {
     for (const auto& [va, r] : state_->reservations) ranges.emplace_back(va, r.bytes);
     for (const auto& [f, unused] : state_->fences) fences.push_back(f);
   }
-  for (FenceId f : fences) (void)ReleaseFence(f);
+  // GPU work fenced by a caller that leaked its fences may still read the
+  // memory: let it finish before anything is unmapped.
+  for (FenceId f : fences) {
+    (void)WaitFence(f);
+    (void)ReleaseFence(f);
+  }
   for (const auto& [va, bytes] : maps) (void)Unmap(va, bytes);
   for (PhysicalHandle h : handles) (void)Destroy(h);
   for (const auto& [va, bytes] : ranges) (void)Release(va, bytes);
