@@ -24,12 +24,12 @@ constexpr std::size_t kMiB = std::size_t{1} << 20;
 
 // Forwards everything to a Host backend; fences are manual. An Unmap inside
 // a watched range while one of its fences is pending is a violation.
-class ManualFenceBackend : public Backend {
+class ManualFenceBackend : public BackendWrapper {
  public:
   // `tally`, if given, receives the violation count when the backend dies.
   explicit ManualFenceBackend(std::shared_ptr<Backend> inner,
                               std::shared_ptr<int> tally = nullptr)
-      : Backend(Caps(*inner)), inner_(std::move(inner)),
+      : BackendWrapper(std::move(inner), "manual_fences"),
         tally_(std::move(tally)) {}
   ~ManualFenceBackend() override {
     ReleaseAllForShutdown();
@@ -64,21 +64,6 @@ class ManualFenceBackend : public Backend {
   }
 
  protected:
-  absl::StatusOr<DevicePtr> DoReserve(std::size_t bytes) override {
-    return inner_->Reserve(bytes);
-  }
-  absl::Status DoRelease(DevicePtr va, std::size_t bytes) override {
-    return inner_->Release(va, bytes);
-  }
-  absl::StatusOr<PhysicalHandle> DoCreate(std::size_t bytes) override {
-    return inner_->Create(bytes);
-  }
-  absl::Status DoDestroy(PhysicalHandle h, std::size_t) override {
-    return inner_->Destroy(h);
-  }
-  absl::Status DoMap(DevicePtr va, PhysicalHandle h, std::size_t) override {
-    return inner_->Map(va, h);
-  }
   absl::Status DoUnmap(DevicePtr va, std::size_t bytes) override {
     {
       internal::MutexLock lock(&mu_);
@@ -86,7 +71,7 @@ class ManualFenceBackend : public Backend {
         if (!f.done && va < f.end && va + bytes > f.begin) ++violations_;
       }
     }
-    return inner_->Unmap(va, bytes);
+    return BackendWrapper::DoUnmap(va, bytes);
   }
   absl::Status DoZero(DevicePtr va, std::size_t bytes) override {
     {
@@ -95,15 +80,7 @@ class ManualFenceBackend : public Backend {
         if (!f.done && va < f.end && va + bytes > f.begin) ++violations_;
       }
     }
-    return inner_->Zero(va, bytes);
-  }
-  absl::Status DoCopyToDevice(DevicePtr dst, const void* src,
-                              std::size_t bytes) override {
-    return inner_->CopyToDevice(dst, src, bytes);
-  }
-  absl::Status DoCopyFromDevice(void* dst, DevicePtr src,
-                                std::size_t bytes) override {
-    return inner_->CopyFromDevice(dst, src, bytes);
+    return BackendWrapper::DoZero(va, bytes);
   }
   absl::StatusOr<FenceId> DoRecordFence(Stream) override {
     internal::MutexLock lock(&mu_);
@@ -138,14 +115,6 @@ class ManualFenceBackend : public Backend {
     DevicePtr end = 0;
     bool done = false;
   };
-  static BackendCapabilities Caps(const Backend& inner) {
-    BackendCapabilities caps = inner.capabilities();
-    caps.name = "manual_fences(" + caps.name + ")";
-    caps.has_streams = true;
-    return caps;
-  }
-
-  const std::shared_ptr<Backend> inner_;
   const std::shared_ptr<int> tally_;
   internal::Mutex mu_;
   absl::flat_hash_map<FenceId, Fence> fences_ ABSL_GUARDED_BY(mu_);

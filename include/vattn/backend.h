@@ -255,6 +255,45 @@ VATTN_EXPORT absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackend(
 VATTN_EXPORT absl::StatusOr<int> CudaDeviceCount();
 
 // ---------------------------------------------------------------------------
+// BackendWrapper: forwards every hook to an inner backend (leveldb's
+// EnvWrapper). Wrappers override only the hooks they change and call
+// BackendWrapper's to forward. Owns a reference to the inner backend; its
+// destructor takes back what is still live through the inner backend with
+// the plain forwarding hooks (a wrapper's own behaviour, such as charging
+// costs or injecting faults, does not apply at shutdown). Thread-safe like
+// every backend.
+class VATTN_EXPORT BackendWrapper : public Backend {
+ public:
+  ~BackendWrapper() override;
+  const std::shared_ptr<Backend>& inner() const { return inner_; }
+
+ protected:
+  // `kind` names the wrapper: capabilities().name is "kind(inner's name)";
+  // the other capabilities are the inner backend's. `inner` is not null.
+  BackendWrapper(std::shared_ptr<Backend> inner, const std::string& kind);
+
+  absl::StatusOr<DevicePtr> DoReserve(std::size_t bytes) override;
+  absl::Status DoRelease(DevicePtr va, std::size_t bytes) override;
+  absl::StatusOr<PhysicalHandle> DoCreate(std::size_t bytes) override;
+  absl::Status DoDestroy(PhysicalHandle handle, std::size_t bytes) override;
+  absl::Status DoMap(DevicePtr va, PhysicalHandle handle,
+                     std::size_t bytes) override;
+  absl::Status DoUnmap(DevicePtr va, std::size_t bytes) override;
+  absl::Status DoZero(DevicePtr va, std::size_t bytes) override;
+  absl::Status DoCopyToDevice(DevicePtr dst, const void* src,
+                              std::size_t bytes) override;
+  absl::Status DoCopyFromDevice(void* dst, DevicePtr src,
+                                std::size_t bytes) override;
+  absl::StatusOr<FenceId> DoRecordFence(Stream stream) override;
+  absl::StatusOr<bool> DoFenceDone(FenceId fence) override;
+  absl::Status DoWaitFence(FenceId fence) override;
+  absl::Status DoReleaseFence(FenceId fence) override;
+
+ private:
+  const std::shared_ptr<Backend> inner_;
+};
+
+// ---------------------------------------------------------------------------
 // Latency model: forwards every call to an inner backend and charges a cost
 // per call on top, by spinning, under one lock per backend for the mapping
 // calls (the driver serializes mapping). Lets map-ahead logic be measured on
@@ -314,7 +353,7 @@ struct FaultPlan {
 
 // The fault-injection wrapper, public so tests can change the plan and read
 // how many calls it saw. Thread-safe.
-class VATTN_EXPORT FaultInjectionBackend : public Backend {
+class VATTN_EXPORT FaultInjectionBackend : public BackendWrapper {
  public:
   static absl::StatusOr<std::shared_ptr<FaultInjectionBackend>> Create(
       std::shared_ptr<Backend> inner, FaultPlan plan = {});
@@ -328,7 +367,6 @@ class VATTN_EXPORT FaultInjectionBackend : public Backend {
   std::int64_t seen(std::optional<BackendOp> op = std::nullopt) const;
   // Calls failed on purpose since the last SetPlan.
   std::int64_t injected() const;
-  const std::shared_ptr<Backend>& inner() const { return inner_; }
 
  protected:
   absl::StatusOr<DevicePtr> DoReserve(std::size_t bytes) override;
@@ -338,15 +376,6 @@ class VATTN_EXPORT FaultInjectionBackend : public Backend {
   absl::Status DoMap(DevicePtr va, PhysicalHandle handle,
                      std::size_t bytes) override;
   absl::Status DoUnmap(DevicePtr va, std::size_t bytes) override;
-  absl::Status DoZero(DevicePtr va, std::size_t bytes) override;
-  absl::Status DoCopyToDevice(DevicePtr dst, const void* src,
-                              std::size_t bytes) override;
-  absl::Status DoCopyFromDevice(void* dst, DevicePtr src,
-                                std::size_t bytes) override;
-  absl::StatusOr<FenceId> DoRecordFence(Stream stream) override;
-  absl::StatusOr<bool> DoFenceDone(FenceId fence) override;
-  absl::Status DoWaitFence(FenceId fence) override;
-  absl::Status DoReleaseFence(FenceId fence) override;
 
  private:
   FaultInjectionBackend(std::shared_ptr<Backend> inner, FaultPlan plan);
@@ -354,7 +383,6 @@ class VATTN_EXPORT FaultInjectionBackend : public Backend {
   absl::Status Check(BackendOp op);
 
   struct Plan;  // The plan and call counts; defined in fault_injection.cc.
-  const std::shared_ptr<Backend> inner_;
   const std::unique_ptr<Plan> plan_;
 };
 

@@ -10,7 +10,6 @@
 #include <memory>
 #include <utility>
 
-#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "src/internal/mutex.h"
 #include "vattn/backend.h"
@@ -50,18 +49,9 @@ struct FaultInjectionBackend::Plan {
   std::int64_t injected ABSL_GUARDED_BY(mu) = 0;
 };
 
-namespace {
-BackendCapabilities FaultCaps(const Backend& inner) {
-  BackendCapabilities caps = inner.capabilities();
-  caps.name = absl::StrCat("fault_injection(", caps.name, ")");
-  return caps;
-}
-}  // namespace
-
 FaultInjectionBackend::FaultInjectionBackend(std::shared_ptr<Backend> inner,
                                              FaultPlan plan)
-    : Backend(FaultCaps(*inner)),
-      inner_(std::move(inner)),
+    : BackendWrapper(std::move(inner), "fault_injection"),
       plan_(std::make_unique<Plan>()) {
   MutexLock lock(&plan_->mu);
   plan_->plan = std::move(plan);
@@ -89,15 +79,9 @@ FaultInjectionBackend::Create(std::shared_ptr<Backend> inner, FaultPlan plan) {
       new FaultInjectionBackend(std::move(inner), std::move(plan)));
 }
 
-FaultInjectionBackend::~FaultInjectionBackend() {
-  // Shutdown must not be failed on purpose: drop the plan, then give back
-  // what callers left live through the inner backend.
-  {
-    MutexLock lock(&plan_->mu);
-    plan_->plan.rules.clear();
-  }
-  ReleaseAllForShutdown();
-}
+// Shutdown is never failed on purpose: BackendWrapper's destructor gives
+// back what callers left live through its plain forwarding hooks.
+FaultInjectionBackend::~FaultInjectionBackend() = default;
 
 void FaultInjectionBackend::SetPlan(FaultPlan plan) {
   MutexLock lock(&plan_->mu);
@@ -144,66 +128,35 @@ absl::Status FaultInjectionBackend::Check(BackendOp op) {
 
 absl::StatusOr<DevicePtr> FaultInjectionBackend::DoReserve(std::size_t bytes) {
   if (absl::Status s = Check(BackendOp::kReserve); !s.ok()) return s;
-  return inner_->Reserve(bytes);
+  return BackendWrapper::DoReserve(bytes);
 }
 
 absl::Status FaultInjectionBackend::DoRelease(DevicePtr va, std::size_t bytes) {
   if (absl::Status s = Check(BackendOp::kRelease); !s.ok()) return s;
-  return inner_->Release(va, bytes);
+  return BackendWrapper::DoRelease(va, bytes);
 }
 
 absl::StatusOr<PhysicalHandle> FaultInjectionBackend::DoCreate(
     std::size_t bytes) {
   if (absl::Status s = Check(BackendOp::kCreate); !s.ok()) return s;
-  return inner_->Create(bytes);
+  return BackendWrapper::DoCreate(bytes);
 }
 
 absl::Status FaultInjectionBackend::DoDestroy(PhysicalHandle handle,
-                                              std::size_t /*bytes*/) {
+                                              std::size_t bytes) {
   if (absl::Status s = Check(BackendOp::kDestroy); !s.ok()) return s;
-  return inner_->Destroy(handle);
+  return BackendWrapper::DoDestroy(handle, bytes);
 }
 
 absl::Status FaultInjectionBackend::DoMap(DevicePtr va, PhysicalHandle handle,
-                                          std::size_t /*bytes*/) {
+                                          std::size_t bytes) {
   if (absl::Status s = Check(BackendOp::kMap); !s.ok()) return s;
-  return inner_->Map(va, handle);
+  return BackendWrapper::DoMap(va, handle, bytes);
 }
 
 absl::Status FaultInjectionBackend::DoUnmap(DevicePtr va, std::size_t bytes) {
   if (absl::Status s = Check(BackendOp::kUnmap); !s.ok()) return s;
-  return inner_->Unmap(va, bytes);
-}
-
-absl::Status FaultInjectionBackend::DoZero(DevicePtr va, std::size_t bytes) {
-  return inner_->Zero(va, bytes);
-}
-
-absl::Status FaultInjectionBackend::DoCopyToDevice(DevicePtr dst,
-                                                   const void* src,
-                                                   std::size_t bytes) {
-  return inner_->CopyToDevice(dst, src, bytes);
-}
-
-absl::Status FaultInjectionBackend::DoCopyFromDevice(void* dst, DevicePtr src,
-                                                     std::size_t bytes) {
-  return inner_->CopyFromDevice(dst, src, bytes);
-}
-
-absl::StatusOr<FenceId> FaultInjectionBackend::DoRecordFence(Stream stream) {
-  return inner_->RecordFence(stream);
-}
-
-absl::StatusOr<bool> FaultInjectionBackend::DoFenceDone(FenceId fence) {
-  return inner_->FenceDone(fence);
-}
-
-absl::Status FaultInjectionBackend::DoWaitFence(FenceId fence) {
-  return inner_->WaitFence(fence);
-}
-
-absl::Status FaultInjectionBackend::DoReleaseFence(FenceId fence) {
-  return inner_->ReleaseFence(fence);
+  return BackendWrapper::DoUnmap(va, bytes);
 }
 
 absl::StatusOr<std::shared_ptr<Backend>> MakeFaultInjectionBackend(

@@ -8,13 +8,11 @@
 // aggregate rate as one (DESIGN.md). Reserve and Release are charged without
 // the lock. Data movement and fences forward at no cost.
 
-#include <atomic>
 #include <chrono>
 #include <memory>
 #include <string>
 #include <utility>
 
-#include "absl/strings/str_cat.h"
 #include "src/internal/mutex.h"
 #include "vattn/backend.h"
 
@@ -104,92 +102,53 @@ void Spin(double micros) {
   }
 }
 
-BackendCapabilities WrapperCaps(const Backend& inner) {
-  BackendCapabilities caps = inner.capabilities();
-  caps.name = absl::StrCat("latency_model(", caps.name, ")");
-  return caps;
-}
-
 // Owns a reference to the inner backend; thread-safe like every backend.
-class LatencyModelBackend final : public Backend {
+// Charges the six memory calls; data and fence calls forward at no cost.
+// BackendWrapper's destructor gives back what callers left live without
+// charging: shutdown is not the workload being modelled.
+class LatencyModelBackend final : public BackendWrapper {
  public:
   LatencyModelBackend(std::shared_ptr<Backend> inner, LatencyCosts costs)
-      : Backend(WrapperCaps(*inner)),
-        inner_(std::move(inner)),
-        costs_(costs) {}
-
-  ~LatencyModelBackend() override {
-    // Give back what callers left live, through the inner backend, without
-    // charging for it: shutdown is not the workload being modelled.
-    shutting_down_.store(true, std::memory_order_relaxed);
-    ReleaseAllForShutdown();
-  }
+      : BackendWrapper(std::move(inner), "latency_model"), costs_(costs) {}
 
  protected:
   absl::StatusOr<DevicePtr> DoReserve(std::size_t bytes) override {
     Charge(BackendOp::kReserve, bytes);
-    return inner_->Reserve(bytes);
+    return BackendWrapper::DoReserve(bytes);
   }
   absl::Status DoRelease(DevicePtr va, std::size_t bytes) override {
     Charge(BackendOp::kRelease, bytes);
-    return inner_->Release(va, bytes);
+    return BackendWrapper::DoRelease(va, bytes);
   }
   absl::StatusOr<PhysicalHandle> DoCreate(std::size_t bytes) override {
     MutexLock lock(&driver_mu_);
     Charge(BackendOp::kCreate, bytes);
-    return inner_->Create(bytes);
+    return BackendWrapper::DoCreate(bytes);
   }
   absl::Status DoDestroy(PhysicalHandle handle, std::size_t bytes) override {
     MutexLock lock(&driver_mu_);
     Charge(BackendOp::kDestroy, bytes);
-    return inner_->Destroy(handle);
+    return BackendWrapper::DoDestroy(handle, bytes);
   }
   absl::Status DoMap(DevicePtr va, PhysicalHandle handle,
                      std::size_t bytes) override {
     MutexLock lock(&driver_mu_);
     Charge(BackendOp::kMap, bytes);
-    return inner_->Map(va, handle);
+    return BackendWrapper::DoMap(va, handle, bytes);
   }
   absl::Status DoUnmap(DevicePtr va, std::size_t bytes) override {
     MutexLock lock(&driver_mu_);
     Charge(BackendOp::kUnmap, bytes);
-    return inner_->Unmap(va, bytes);
+    return BackendWrapper::DoUnmap(va, bytes);
   }
-  absl::Status DoZero(DevicePtr va, std::size_t bytes) override {
-    return inner_->Zero(va, bytes);
-  }
-  absl::Status DoCopyToDevice(DevicePtr dst, const void* src,
-                              std::size_t bytes) override {
-    return inner_->CopyToDevice(dst, src, bytes);
-  }
-  absl::Status DoCopyFromDevice(void* dst, DevicePtr src,
-                                std::size_t bytes) override {
-    return inner_->CopyFromDevice(dst, src, bytes);
-  }
-  absl::StatusOr<FenceId> DoRecordFence(Stream stream) override {
-    return inner_->RecordFence(stream);
-  }
-  absl::StatusOr<bool> DoFenceDone(FenceId fence) override {
-    return inner_->FenceDone(fence);
-  }
-  absl::Status DoWaitFence(FenceId fence) override {
-    return inner_->WaitFence(fence);
-  }
-  absl::Status DoReleaseFence(FenceId fence) override {
-    return inner_->ReleaseFence(fence);
-  }
-
  private:
   void Charge(BackendOp op, std::size_t bytes) const {
-    if (shutting_down_.load(std::memory_order_relaxed)) return;
     Spin(costs_.For(op).Micros(bytes));
   }
 
   // Constant after construction.
-  const std::shared_ptr<Backend> inner_;
   const LatencyCosts costs_;
 
-  std::atomic<bool> shutting_down_{false};
   // Held across the charge and the inner call of every mapping call: the
   // modelled driver does one at a time.
   Mutex driver_mu_;
