@@ -8,6 +8,10 @@ install(TARGETS vattn EXPORT vattnTargets
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
   INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+if(TARGET vattn_c)
+  # For other languages' FFIs, not for CMake consumers (they use vattn::vattn).
+  install(TARGETS vattn_c LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
+endif()
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/vattn
   DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 install(EXPORT vattnTargets
