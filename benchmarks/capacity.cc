@@ -72,6 +72,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_split.h"
 #include "fmt/core.h"
 #include "vattn/vattn.h"
 
@@ -871,18 +872,9 @@ void WriteSvg(const std::string& path, const Flags& f,
   out << "</svg>\n";
 }
 
+// Comma-separated flag values, empty items dropped.
 std::vector<std::string> SplitCommas(const std::string& v) {
-  std::vector<std::string> out;
-  std::size_t start = 0;
-  while (start <= v.size()) {
-    const std::size_t comma = v.find(',', start);
-    std::string item = v.substr(
-        start, comma == std::string::npos ? std::string::npos : comma - start);
-    if (!item.empty()) out.push_back(item);
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
-  return out;
+  return absl::StrSplit(v, ',', absl::SkipEmpty());
 }
 
 bool ParseFlag(const char* arg, const char* name, std::string* value) {

@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_split.h"
 #include "benchmark/benchmark.h"
 #include "fmt/core.h"
 #include "vattn/vattn.h"
@@ -223,17 +224,7 @@ int main(int argc, char** argv) {
           "--benchmark_out=FILE, --benchmark_format=json, ...)\n");
       return 0;
     } else if (ParseFlag(argv[i], "--backends", &v)) {
-      g_flags.backends.clear();
-      std::size_t start = 0;
-      while (start <= v.size()) {
-        const std::size_t comma = v.find(',', start);
-        const std::string item =
-            v.substr(start, comma == std::string::npos ? std::string::npos
-                                                       : comma - start);
-        if (!item.empty()) g_flags.backends.push_back(item);
-        if (comma == std::string::npos) break;
-        start = comma + 1;
-      }
+      g_flags.backends = absl::StrSplit(v, ',', absl::SkipEmpty());
     } else if (ParseFlag(argv[i], "--steps", &v)) {
       g_flags.steps = std::stoi(v);
     } else if (ParseFlag(argv[i], "--warmup", &v)) {
