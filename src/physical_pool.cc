@@ -2,6 +2,7 @@
 #include "src/physical_pool.h"
 
 #include <algorithm>
+#include <iterator>
 #include <utility>
 
 #include "absl/strings/str_format.h"
@@ -10,9 +11,78 @@ namespace vattn {
 
 using internal::MutexLock;
 
+namespace {
+
+int Log2Ceil(std::int64_t x) {
+  int k = 0;
+  while ((std::int64_t{1} << k) < x && k < 62) ++k;
+  return k;
+}
+
+int Log2Floor(std::int64_t x) {
+  int k = 0;
+  while (k < 62 && (std::int64_t{2} << k) <= x) ++k;
+  return k;
+}
+
+}  // namespace
+
+// ---- SizeClasses --------------------------------------------------------------
+
+SizeClasses::SizeClasses(std::int64_t granularity, int steps_per_doubling)
+    : granularity_(std::int64_t{1} << Log2Ceil(std::max<std::int64_t>(1, granularity))),
+      log2_granularity_(Log2Ceil(std::max<std::int64_t>(1, granularity))),
+      log2_steps_(Log2Ceil(std::max(1, steps_per_doubling))) {}
+
+std::int64_t SizeClasses::Round(std::int64_t bytes) const {
+  if (bytes <= 0) return 0;
+  // Granules, rounded up (a mask and a shift: the granularity is 2^k).
+  const std::int64_t n = (bytes + granularity_ - 1) >> log2_granularity_;
+  const std::int64_t steps = std::int64_t{1} << log2_steps_;
+  if (n <= steps) return n << log2_granularity_;
+  // n in [2^k, 2^(k+1)), k >= log2_steps: round up to a multiple of
+  // 2^(k - log2_steps).
+  const int shift = Log2Floor(n) - log2_steps_;
+  const std::int64_t mask = (std::int64_t{1} << shift) - 1;
+  return ((n + mask) & ~mask) << log2_granularity_;
+}
+
+int SizeClasses::CountUpTo(std::int64_t max_bytes) const {
+  const std::int64_t n = max_bytes >> log2_granularity_;
+  const std::int64_t steps = std::int64_t{1} << log2_steps_;
+  if (n <= steps) return static_cast<int>(std::max<std::int64_t>(0, n));
+  int count = static_cast<int>(steps);
+  // Each doubling [2^k, 2^(k+1)) above `steps` holds `steps` classes.
+  for (int k = log2_steps_;; ++k) {
+    const std::int64_t lo = std::int64_t{1} << k;  // A class (counted).
+    const std::int64_t step = std::int64_t{1} << (k - log2_steps_);
+    const std::int64_t hi = lo << 1;
+    if (n >= hi) {
+      count += static_cast<int>(steps);
+      continue;
+    }
+    count += static_cast<int>((n - lo) / step);
+    return count;
+  }
+}
+
+double SizeClasses::MaxWasteFraction() const {
+  return 1.0 / static_cast<double>((1 << log2_steps_) + 1);
+}
+
+// ---- PhysicalPool -------------------------------------------------------------
+
 PhysicalPool::PhysicalPool(std::shared_ptr<Backend> backend,
                            std::int64_t budget_bytes)
-    : backend_(std::move(backend)), budget_bytes_(budget_bytes) {}
+    : PhysicalPool(std::move(backend), budget_bytes, Options()) {}
+
+PhysicalPool::PhysicalPool(std::shared_ptr<Backend> backend,
+                           std::int64_t budget_bytes, const Options& options)
+    : backend_(std::move(backend)),
+      budget_bytes_(budget_bytes),
+      options_(options),
+      classes_(static_cast<std::int64_t>(backend_->capabilities().granularity),
+               options.size_class_steps) {}
 
 PhysicalPool::~PhysicalPool() { (void)DestroyIdle(); }
 
@@ -30,39 +100,67 @@ PhysicalPool::Counters PhysicalPool::counters() const {
   return counters_;
 }
 
-int PhysicalPool::IdleCount(std::size_t bytes) const {
-  MutexLock lock(&mu_);
+int PhysicalPool::IdleCountLocked(std::size_t bytes) const {
   auto it = idle_.find(bytes);
   return it == idle_.end() ? 0 : static_cast<int>(it->second.size());
 }
 
-absl::StatusOr<bool> PhysicalPool::DestroyOneIdleLocked(std::size_t keep) {
-  // Largest idle size other than `keep`: frees the most per driver call.
-  std::size_t victim_size = 0;
-  for (const auto& [size, handles] : idle_) {
-    if (size != keep && !handles.empty() && size > victim_size) {
-      victim_size = size;
+int PhysicalPool::IdleCount(std::size_t bytes) const {
+  MutexLock lock(&mu_);
+  return IdleCountLocked(bytes);
+}
+
+absl::StatusOr<std::int64_t> PhysicalPool::DestroyIdleLocked(
+    std::size_t keep, std::int64_t bytes) {
+  // Take the victims off the idle lists, largest first (the map's order):
+  // the most bytes per driver call, and no scan per handle.
+  struct Victim {
+    std::size_t size;
+    PhysicalHandle handle;
+  };
+  std::vector<Victim> victims;
+  std::int64_t chosen = 0;
+  for (auto it = idle_.begin(); it != idle_.end() && (bytes < 0 || chosen < bytes);) {
+    if (it->first == keep) {
+      ++it;
+      continue;
+    }
+    std::vector<PhysicalHandle>& list = it->second;
+    while (!list.empty() && (bytes < 0 || chosen < bytes)) {
+      victims.push_back({it->first, list.back()});
+      list.pop_back();
+      chosen += static_cast<std::int64_t>(it->first);
+    }
+    it = list.empty() ? idle_.erase(it) : std::next(it);
+  }
+  if (victims.empty()) return 0;
+  counters_.idle_bytes -= chosen;
+  // One unlock for the whole batch. The victims' bytes stay counted as
+  // physical until destroyed, so nobody creates into them meanwhile.
+  std::vector<absl::Status> results(victims.size());
+  mu_.Unlock();
+  for (std::size_t i = 0; i < victims.size(); ++i) {
+    results[i] = backend_->Destroy(victims[i].handle);
+  }
+  mu_.Lock();
+  ++counters_.destroy_batches;
+  absl::Status first_error;
+  std::int64_t freed = 0;
+  for (std::size_t i = 0; i < victims.size(); ++i) {
+    const std::int64_t size = static_cast<std::int64_t>(victims[i].size);
+    if (results[i].ok()) {
+      freed += size;
+      ++counters_.destroy_calls;
+    } else {
+      // Still live: back into the pool, to be tried again later.
+      idle_[victims[i].size].push_back(victims[i].handle);
+      counters_.idle_bytes += size;
+      first_error.Update(results[i]);
     }
   }
-  if (victim_size == 0) return false;
-  std::vector<PhysicalHandle>& list = idle_[victim_size];
-  const PhysicalHandle handle = list.back();
-  list.pop_back();
-  counters_.idle_bytes -= static_cast<std::int64_t>(victim_size);
-  absl::Status status;
-  {
-    mu_.Unlock();
-    status = backend_->Destroy(handle);
-    mu_.Lock();
-  }
-  if (!status.ok()) {
-    idle_[victim_size].push_back(handle);
-    counters_.idle_bytes += static_cast<std::int64_t>(victim_size);
-    return status;
-  }
-  counters_.physical_bytes -= static_cast<std::int64_t>(victim_size);
-  ++counters_.destroy_calls;
-  return true;
+  counters_.physical_bytes -= freed;
+  if (!first_error.ok()) return first_error;
+  return freed;
 }
 
 absl::Status PhysicalPool::CreateLocked(std::size_t bytes, int count,
@@ -93,6 +191,7 @@ absl::StatusOr<std::vector<PhysicalHandle>> PhysicalPool::Acquire(
     std::size_t bytes, int count, bool quiet) {
   std::vector<PhysicalHandle> out;
   out.reserve(static_cast<std::size_t>(count));
+  int created_here = 0;
   MutexLock lock(&mu_);
   for (;;) {
     // Idle handles of the right size first: no driver call at all.
@@ -103,22 +202,24 @@ absl::StatusOr<std::vector<PhysicalHandle>> PhysicalPool::Acquire(
         list.pop_back();
         counters_.idle_bytes -= static_cast<std::int64_t>(bytes);
       }
+      if (list.empty()) idle_.erase(it);
     }
-    const int missing = count - static_cast<int>(out.size());
-    if (missing == 0) return out;
+    const int from_idle = static_cast<int>(out.size());
+    const int missing = count - from_idle;
+    if (missing == 0) break;
 
     const std::int64_t need = static_cast<std::int64_t>(bytes) * missing;
     // Destroy idle handles of other sizes only if that makes enough room:
     // a destroy that still leaves too little would be undone by a create.
-    const bool room_after_destroying =
-        HeadroomLocked() + counters_.idle_bytes >= need;
-    while (room_after_destroying && HeadroomLocked() < need) {
-      absl::StatusOr<bool> destroyed = DestroyOneIdleLocked(bytes);
-      if (!destroyed.ok()) {
+    // (No idle handle of `bytes` is left: the loop above took them.)
+    if (HeadroomLocked() < need &&
+        HeadroomLocked() + counters_.idle_bytes >= need) {
+      absl::StatusOr<std::int64_t> freed =
+          DestroyIdleLocked(bytes, need - HeadroomLocked());
+      if (!freed.ok()) {
         ReleaseLocked(&out, bytes);
-        return destroyed.status();
+        return freed.status();
       }
-      if (!*destroyed) break;
     }
     if (HeadroomLocked() < need) {
       ReleaseLocked(&out, bytes);
@@ -138,16 +239,26 @@ absl::StatusOr<std::vector<PhysicalHandle>> PhysicalPool::Acquire(
     std::vector<PhysicalHandle> created;
     absl::Status status = CreateLocked(bytes, missing, &created);
     out.insert(out.end(), created.begin(), created.end());
-    if (status.ok()) return out;
+    if (status.ok()) {
+      created_here = missing;
+      break;
+    }
 
     // The device refused (out of memory, say). If idle handles of other sizes
     // can go, free one and try again; otherwise keep what was made idle.
     ReleaseLocked(&out, bytes);
     if (status.code() != absl::StatusCode::kResourceExhausted) return status;
-    absl::StatusOr<bool> destroyed = DestroyOneIdleLocked(bytes);
-    if (!destroyed.ok()) return destroyed.status();
-    if (!*destroyed) return status;
+    absl::StatusOr<std::int64_t> freed = DestroyIdleLocked(bytes, 1);
+    if (!freed.ok()) return freed.status();
+    if (*freed == 0) return status;
   }
+  counters_.idle_hits += count - created_here;
+  counters_.idle_misses += created_here;
+  // Handed out: what one refill period asked of this size.
+  Demand& d = demand_[bytes];
+  d.current += count;
+  d.seen = true;
+  return out;
 }
 
 void PhysicalPool::ReleaseLocked(std::vector<PhysicalHandle>* handles,
@@ -167,7 +278,7 @@ void PhysicalPool::Release(std::vector<PhysicalHandle> handles,
 
 absl::StatusOr<int> PhysicalPool::Fill(std::size_t bytes, int count) {
   MutexLock lock(&mu_);
-  const int idle = static_cast<int>(idle_[bytes].size());
+  const int idle = IdleCountLocked(bytes);
   const std::int64_t affordable =
       std::max<std::int64_t>(0, HeadroomLocked()) /
       static_cast<std::int64_t>(bytes);
@@ -176,18 +287,76 @@ absl::StatusOr<int> PhysicalPool::Fill(std::size_t bytes, int count) {
   if (missing == 0) return 0;
   std::vector<PhysicalHandle> created;
   absl::Status status = CreateLocked(bytes, missing, &created);
+  const int made = static_cast<int>(created.size());
   ReleaseLocked(&created, bytes);
   if (!status.ok()) return status;
-  return missing;
+  return made;
+}
+
+int PhysicalPool::RefillTargetLocked(std::size_t bytes, int max_count) const {
+  auto it = demand_.find(bytes);
+  if (it == demand_.end() || !it->second.seen || max_count <= 0) return 0;
+  const Demand& d = it->second;
+  const int window = std::clamp(options_.demand_window, 1,
+                                static_cast<int>(d.past.size()));
+  int peak = std::max(1, d.current);
+  for (int i = 0; i < window; ++i) peak = std::max(peak, d.past[static_cast<std::size_t>(i)]);
+  // Within the budget's pooled share, counting idle handles of other sizes.
+  const std::int64_t cap = static_cast<std::int64_t>(
+      options_.max_pooled_fraction * static_cast<double>(budget_bytes_));
+  const std::int64_t size = static_cast<std::int64_t>(bytes);
+  const std::int64_t other =
+      counters_.idle_bytes - size * IdleCountLocked(bytes);
+  const std::int64_t by_budget = std::max<std::int64_t>(0, cap - other) / size;
+  return static_cast<int>(
+      std::min<std::int64_t>({peak, max_count, by_budget}));
+}
+
+int PhysicalPool::RefillTarget(std::size_t bytes, int max_count) const {
+  MutexLock lock(&mu_);
+  return RefillTargetLocked(bytes, max_count);
+}
+
+bool PhysicalPool::BelowLowWater(std::size_t bytes, int max_count) const {
+  MutexLock lock(&mu_);
+  const int target = RefillTargetLocked(bytes, max_count);
+  return IdleCountLocked(bytes) < (target + 1) / 2;
+}
+
+absl::StatusOr<int> PhysicalPool::Replenish(std::size_t bytes,
+                                            int max_count) {
+  MutexLock lock(&mu_);
+  const int target = RefillTargetLocked(bytes, max_count);
+  // Close the period: what was handed out since the last refill joins the
+  // window.
+  if (auto it = demand_.find(bytes); it != demand_.end()) {
+    Demand& d = it->second;
+    const int window = std::clamp(options_.demand_window, 1,
+                                  static_cast<int>(d.past.size()));
+    d.past[static_cast<std::size_t>(d.next)] = d.current;
+    d.next = (d.next + 1) % window;
+    d.current = 0;
+  }
+  const int idle = IdleCountLocked(bytes);
+  const std::int64_t affordable =
+      std::max<std::int64_t>(0, HeadroomLocked()) /
+      static_cast<std::int64_t>(bytes);
+  const int missing = static_cast<int>(
+      std::min<std::int64_t>(std::max(0, target - idle), affordable));
+  if (missing == 0) return 0;
+  std::vector<PhysicalHandle> created;
+  absl::Status status = CreateLocked(bytes, missing, &created);
+  const int made = static_cast<int>(created.size());
+  ReleaseLocked(&created, bytes);
+  if (!status.ok()) return status;
+  return made;
 }
 
 absl::Status PhysicalPool::DestroyIdle() {
   MutexLock lock(&mu_);
-  for (;;) {
-    absl::StatusOr<bool> destroyed = DestroyOneIdleLocked(0);
-    if (!destroyed.ok()) return destroyed.status();
-    if (!*destroyed) return absl::OkStatus();
-  }
+  // keep = 0 is no size: every idle handle goes.
+  absl::StatusOr<std::int64_t> freed = DestroyIdleLocked(0, -1);
+  return freed.status();
 }
 
 }  // namespace vattn

@@ -5,11 +5,14 @@
 #ifndef VATTN_SRC_PHYSICAL_POOL_H_
 #define VATTN_SRC_PHYSICAL_POOL_H_
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
+#include "absl/container/btree_map.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -17,6 +20,40 @@
 #include "vattn/backend.h"
 
 namespace vattn {
+
+// The bounded set of handle sizes used for extents whose size varies with
+// the request (prompts): a size rounds up to the smallest class that holds
+// it, so an idle handle of one class serves every request that rounds to
+// it, and the pool needs one stock per class instead of one per size.
+// Classes, in granules: every count up to `steps_per_doubling`, then
+// `steps_per_doubling` evenly spaced sizes per doubling (for 16: 1..16, 18,
+// 20, ..., 32, 36, ..., 64, 72, ...). Rounding wastes less than
+// 1 / (steps_per_doubling + 1) of a class (5.9% for 16), about half of that
+// on average; there are about steps_per_doubling classes per doubling of
+// the largest size. A value type; thread-compatible.
+class SizeClasses {
+ public:
+  // granularity: a power of two; steps_per_doubling: a power of two >= 1.
+  // Other values are raised to the next power of two.
+  SizeClasses(std::int64_t granularity, int steps_per_doubling);
+
+  // The smallest class >= bytes (bytes >= 1; 0 for bytes <= 0). A class is
+  // a multiple of the granularity.
+  std::int64_t Round(std::int64_t bytes) const;
+  // How many classes are <= max_bytes.
+  int CountUpTo(std::int64_t max_bytes) const;
+  // Bound on (Round(b) - b) / Round(b) for b above one granule's worth of
+  // rounding: 1 / (steps_per_doubling + 1).
+  double MaxWasteFraction() const;
+
+  std::int64_t granularity() const { return granularity_; }
+  int steps_per_doubling() const { return 1 << log2_steps_; }
+
+ private:
+  std::int64_t granularity_;
+  int log2_granularity_;
+  int log2_steps_;
+};
 
 // Owns physical handles for one cache: hands them out (idle ones of the size
 // asked for first, else newly created within the budget) and takes them back
@@ -32,10 +69,28 @@ class PhysicalPool {
     std::int64_t peak_physical_bytes = 0;
     std::int64_t create_calls = 0;
     std::int64_t destroy_calls = 0;
+    // Handles Acquire handed out from the idle pool, and those it created.
+    std::int64_t idle_hits = 0;
+    std::int64_t idle_misses = 0;
+    // Driver-call batches Destroy ran in (one lock round trip each).
+    std::int64_t destroy_batches = 0;
+  };
+
+  struct Options {
+    // Steps per doubling of the prompt size classes (SizeClasses).
+    int size_class_steps = 16;
+    // Replenish keeps idle handles (of every size together) within this
+    // share of the budget, whatever demand says: pooled memory cannot
+    // strand the budget.
+    double max_pooled_fraction = 1.0 / 16;
+    // Refill periods Replenish remembers demand over.
+    int demand_window = 4;
   };
 
   // budget_bytes: the cap; must be positive.
   PhysicalPool(std::shared_ptr<Backend> backend, std::int64_t budget_bytes);
+  PhysicalPool(std::shared_ptr<Backend> backend, std::int64_t budget_bytes,
+               const Options& options);
   // Destroys every idle handle. Handles still handed out are the caller's
   // to Release first (they are mapped somewhere the pool cannot see).
   ~PhysicalPool();
@@ -43,11 +98,12 @@ class PhysicalPool {
   PhysicalPool& operator=(const PhysicalPool&) = delete;
 
   // Hands out `count` handles of `bytes` each: idle ones of that size first,
-  // then new ones. To make room it destroys idle handles of other sizes.
-  // ResourceExhausted when the budget (or the device) cannot hold them; then
-  // nothing changed (idle handles are destroyed only when that makes
-  // enough room). All-or-nothing. `quiet` skips formatting the message of a
-  // budget refusal, for callers that try several sizes in turn.
+  // then new ones. To make room it destroys idle handles of other sizes
+  // (largest first, in one batch). ResourceExhausted when the budget (or the
+  // device) cannot hold them; then nothing changed (idle handles are
+  // destroyed only when that makes enough room). All-or-nothing. `quiet`
+  // skips formatting the message of a budget refusal, for callers that try
+  // several sizes in turn.
   absl::StatusOr<std::vector<PhysicalHandle>> Acquire(std::size_t bytes,
                                                       int count,
                                                       bool quiet = false);
@@ -56,22 +112,57 @@ class PhysicalPool {
   // Creates idle handles of `bytes` until `count` of that size are idle
   // (within the budget). Returns how many it created.
   absl::StatusOr<int> Fill(std::size_t bytes, int count);
-  // Destroys every idle handle.
+
+  // ---- Demand-following refill (the background thread's water marks) ----
+  // The idle handles of `bytes` a refill aims for: the most handles of that
+  // size Acquire handed out in one refill period over the last
+  // demand_window periods (a period ends at each Replenish of the size),
+  // at least 1 once the size was ever asked for, at most `max_count`, and
+  // within max_pooled_fraction of the budget (counting idle handles of
+  // other sizes). 0 for a size never acquired.
+  int RefillTarget(std::size_t bytes, int max_count) const;
+  // True when fewer than half the refill target (rounded up) are idle: the
+  // low water mark.
+  bool BelowLowWater(std::size_t bytes, int max_count) const;
+  // Ends the size's refill period and creates idle handles up to
+  // RefillTarget (within the budget's headroom). Returns how many it
+  // created; an error of the backend's Create (what was created before it
+  // stays idle).
+  absl::StatusOr<int> Replenish(std::size_t bytes, int max_count);
+
+  // Destroys every idle handle, in one batch. Returns the first error; the
+  // handles whose destroy failed stay idle.
   absl::Status DestroyIdle();
 
   int IdleCount(std::size_t bytes) const;
   // Bytes that can still be created under the budget.
   std::int64_t Headroom() const;
   std::int64_t budget_bytes() const { return budget_bytes_; }
+  const SizeClasses& size_classes() const { return classes_; }
   Counters counters() const;
 
  private:
-  // Destroys one idle handle (any size other than `keep`, largest first);
-  // false when there is none. Called with mu_ held; drops it around the
-  // driver call.
-  absl::StatusOr<bool> DestroyOneIdleLocked(std::size_t keep)
+  // Handed-out counts of one size over the last refill periods.
+  struct Demand {
+    int current = 0;  // Handed out since the last Replenish.
+    std::array<int, 16> past{};  // Ring of finished periods.
+    int next = 0;
+    bool seen = false;
+  };
+
+  // Destroys idle handles of sizes other than `keep`, largest first, until
+  // `bytes` are freed or none are left, in one batch: victims are taken
+  // off the idle lists under mu_, destroyed with mu_ dropped, and those
+  // whose destroy failed are put back. Returns the bytes freed, or the
+  // first error. bytes < 0: every idle handle other than `keep`.
+  absl::StatusOr<std::int64_t> DestroyIdleLocked(std::size_t keep,
+                                                 std::int64_t bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::int64_t HeadroomLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int IdleCountLocked(std::size_t bytes) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int RefillTargetLocked(std::size_t bytes, int max_count) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Creates up to `count` handles of `bytes`, dropping mu_ around the driver
   // calls (their bytes count against the budget meanwhile), appends them to
   // *created and counts them as physical. The first failure stops it.
@@ -85,11 +176,16 @@ class PhysicalPool {
   // Constant after construction.
   const std::shared_ptr<Backend> backend_;
   const std::int64_t budget_bytes_;
+  const Options options_;
+  const SizeClasses classes_;
 
   mutable internal::Mutex mu_;
-  // Idle handles by size.
-  absl::flat_hash_map<std::size_t, std::vector<PhysicalHandle>> idle_
-      ABSL_GUARDED_BY(mu_);
+  // Idle handles by size, largest first (the order victims are taken in).
+  // Sizes whose list is empty are erased.
+  absl::btree_map<std::size_t, std::vector<PhysicalHandle>,
+                  std::greater<std::size_t>>
+      idle_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::size_t, Demand> demand_ ABSL_GUARDED_BY(mu_);
   // Bytes of creations in flight, already counted against the budget.
   std::int64_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   Counters counters_ ABSL_GUARDED_BY(mu_);
