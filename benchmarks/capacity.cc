@@ -7,7 +7,8 @@
 // runs in seconds. Not a Google Benchmark program: it times nothing.
 //
 //   capacity [--models=all|LIST] [--max_context=LIST] [--memory_gib=G]
-//            [--mixes=uniform,longtail] [--trace=FILE] [--requests=N]
+//            [--mixes=uniform,longtail,production,chat] [--allocators=LIST]
+//            [--trace=FILE] [--requests=N]
 //            [--seed=S] [--step_ms=MS] [--json=FILE] [--help]
 //
 // The workload. A list of requests (prompt P, output O tokens, arrival) is
@@ -17,9 +18,11 @@
 // tokens and leaves. When a decode step finds no memory, the most recently
 // admitted request is preempted (vLLM's recompute policy: it goes back to
 // the head of the queue with its generated tokens folded into its prompt).
-// Synthetic mixes queue every request at step 0 (an offline batch that
-// saturates the memory); a trace gives arrivals in seconds, turned into
-// steps with --step_ms.
+// The uniform and longtail mixes queue every request at step 0 (an offline
+// batch that saturates the memory); production and chat arrive continuously
+// (Poisson, at 1.1x the rate the memory can serve, so slots are freed and
+// reused while a queue waits); a trace gives arrivals in seconds, turned
+// into steps with --step_ms.
 //
 // The allocators, each simulated with its real policy:
 //  * vattn token-major / layer-major: the REAL library (KVCache over the Host
@@ -146,6 +149,34 @@ constexpr double kOutputMedian = 250;
 constexpr double kPromptSigma = 1.0;
 constexpr double kOutputSigma = 1.0;
 
+// Mixes with served-traffic statistics, arriving continuously (Poisson):
+// log-normal lengths given by a median and a sigma.
+struct ArrivalMix {
+  const char* name;
+  double prompt_median;
+  double prompt_sigma;
+  double output_median;
+  double output_sigma;
+};
+// production: prompts with a median of 1.5k tokens and a p99 of ~7.4k
+// (sigma = ln(7400 / 1500) / 2.326 = 0.686), outputs with a median of 13
+// (short completions, code-assistant-like traffic).
+// chat: prompts with a median of ~1k, outputs with a median of ~130.
+constexpr ArrivalMix kArrivalMixes[] = {
+    {"production", 1500, 0.686, 13, 1.0},
+    {"chat", 1000, 1.0, 130, 0.8},
+};
+const ArrivalMix* FindArrivalMix(const std::string& name) {
+  for (const ArrivalMix& m : kArrivalMixes) {
+    if (name == m.name) return &m;
+  }
+  return nullptr;
+}
+// Arrival rate of the continuous mixes, as a multiple of what the memory can
+// serve (requests that fit at their mean length, over their mean output):
+// above 1, so a queue forms and the run measures the memory-bound regime.
+constexpr double kArrivalLoad = 1.1;
+
 Request Clip(std::int64_t p, std::int64_t o, std::int64_t ctx) {
   Request r;
   r.prompt = std::clamp<std::int64_t>(p, 1, ctx - 1);
@@ -153,13 +184,29 @@ Request Clip(std::int64_t p, std::int64_t o, std::int64_t ctx) {
   return r;
 }
 
+// `requests_per_step`: the arrival rate of a continuous mix (ignored by the
+// others, which queue every request at step 0).
 std::vector<Request> MakeSynthetic(const std::string& mix, std::int64_t ctx,
-                                   std::size_t n, std::uint64_t seed) {
+                                   std::size_t n, std::uint64_t seed,
+                                   double requests_per_step = 0) {
   Rng rng(seed);
   std::vector<Request> out;
   out.reserve(n);
+  const ArrivalMix* arrival = FindArrivalMix(mix);
+  double clock = 0;
   for (std::size_t i = 0; i < n; ++i) {
-    if (mix == "uniform") {
+    if (arrival != nullptr) {
+      const double p = std::exp(std::log(arrival->prompt_median) +
+                                arrival->prompt_sigma * rng.Normal());
+      const double o = std::exp(std::log(arrival->output_median) +
+                                arrival->output_sigma * rng.Normal());
+      Request r = Clip(std::llround(p), std::llround(o), ctx);
+      if (requests_per_step > 0) {
+        clock += -std::log(1.0 - rng.Uniform01()) / requests_per_step;
+      }
+      r.arrival_step = static_cast<std::int64_t>(clock);
+      out.push_back(r);
+    } else if (mix == "uniform") {
       const std::int64_t p = rng.UniformInt(1, ctx / 2);
       const std::int64_t o = rng.UniformInt(1, ctx / 2);
       out.push_back(Clip(p, o, ctx));
@@ -236,6 +283,9 @@ class Allocator {
   virtual void Release(int id) = 0;
   // Bytes held for active requests (not available to another request).
   virtual std::int64_t HeldBytes() const = 0;
+  // The part of HeldBytes that active requests hold beyond the extents that
+  // back them (vattn's surplus: reclaimable, but held while it lasts).
+  virtual std::int64_t SurplusBytes() const { return 0; }
   virtual std::int64_t DriverCalls() const { return 0; }
   // User-space allocation operations (paged: block allocations).
   virtual std::int64_t BlockOps() const { return 0; }
@@ -375,7 +425,7 @@ class VattnAllocator final : public Allocator {
     if (!cache.ok()) Die("KVCache::Create: " + cache.status().ToString());
     cache_ = std::move(*cache);
     base_ = cache_->Stats();
-    held_.assign(static_cast<std::size_t>(max_slots_), 0);
+    active_.assign(static_cast<std::size_t>(max_slots_), false);
     backed_.assign(static_cast<std::size_t>(max_slots_), 0);
   }
   bool Admit(std::int64_t prompt, int* id) override {
@@ -397,6 +447,7 @@ class VattnAllocator final : public Allocator {
       return false;
     }
     *id = *slot;
+    active_[static_cast<std::size_t>(*slot)] = true;
     Refresh(*slot);
     return true;
   }
@@ -415,10 +466,26 @@ class VattnAllocator final : public Allocator {
   void Release(int id) override {
     absl::Status s = cache_->Free(id);
     if (!s.ok()) Die("Free: " + s.ToString());
-    held_total_ -= held_[static_cast<std::size_t>(id)];
-    held_[static_cast<std::size_t>(id)] = 0;
+    active_[static_cast<std::size_t>(id)] = false;
   }
-  std::int64_t HeldBytes() const override { return held_total_; }
+  // Read from the cache each time: a Grow of one request may reclaim
+  // another's surplus, which changes what that one holds.
+  std::int64_t HeldBytes() const override {
+    std::int64_t held = 0;
+    for (int i = 0; i < max_slots_; ++i) {
+      if (active_[static_cast<std::size_t>(i)]) held += Info(i).mapped_bytes;
+    }
+    return held;
+  }
+  std::int64_t SurplusBytes() const override {
+    std::int64_t surplus = 0;
+    for (int i = 0; i < max_slots_; ++i) {
+      if (!active_[static_cast<std::size_t>(i)]) continue;
+      const vattn::SlotInfo info = Info(i);
+      surplus += info.mapped_bytes - info.adopted_bytes;
+    }
+    return surplus;
+  }
   std::int64_t DriverCalls() const override {
     const vattn::CacheStats s = cache_->Stats();
     return (s.create_calls - base_.create_calls) +
@@ -439,20 +506,21 @@ class VattnAllocator final : public Allocator {
   vattn::CacheStats Stats() const { return cache_->Stats(); }
 
  private:
-  void Refresh(int slot) {
+  vattn::SlotInfo Info(int slot) const {
     auto info = cache_->GetSlot(slot);
     if (!info.ok()) Die("GetSlot: " + info.status().ToString());
-    const std::size_t i = static_cast<std::size_t>(slot);
-    held_total_ += info->mapped_bytes - held_[i];
-    held_[i] = info->mapped_bytes;
-    backed_[i] = info->backed_tokens;
+    return *info;
+  }
+  // Reclamation takes only extents past the ones backing a request, so a
+  // request's backed tokens change only through its own calls.
+  void Refresh(int slot) {
+    backed_[static_cast<std::size_t>(slot)] = Info(slot).backed_tokens;
   }
   std::unique_ptr<vattn::KVCache> cache_;
   vattn::CacheStats base_;
   int max_slots_ = 0;
-  std::vector<std::int64_t> held_;
+  std::vector<bool> active_;
   std::vector<std::int64_t> backed_;
-  std::int64_t held_total_ = 0;
   std::int64_t slot_limited_ = 0;
 };
 
@@ -462,6 +530,7 @@ struct SimResult {
   double mean_batch = 0;  // Over the window.
   double waste_p50 = 0;   // Bytes, over the window.
   double waste_max = 0;
+  double surplus_p50 = 0;  // The surplus part of the waste, over the window.
   double driver_calls_per_1k = 0;
   double block_ops_per_1k = 0;
   std::int64_t generated = 0;
@@ -517,7 +586,7 @@ SimResult Simulate(Allocator& alloc, const std::vector<Request>& requests,
   std::size_t next_arrival = 0;
   std::int64_t sum_len0 = 0;  // Sum over active of (prompt - admitted).
   SimResult res;
-  std::vector<Sample> waste_all, waste_sat;
+  std::vector<Sample> waste_all, waste_sat, surplus_all, surplus_sat;
   double batch_all = 0, batch_sat = 0, w_all = 0, w_sat = 0;
   double waste_max_all = 0, waste_max_sat = 0;
 
@@ -620,12 +689,15 @@ SimResult Simulate(Allocator& alloc, const std::vector<Request>& requests,
     const double waste0 = static_cast<double>(alloc.HeldBytes()) - logical;
     const double avg = waste0 - static_cast<double>(bpt) *
                                     static_cast<double>(n) * (dt - 1) / 2;
+    const double surplus = static_cast<double>(alloc.SurplusBytes());
     waste_all.push_back({avg, dt});
+    surplus_all.push_back({surplus, dt});
     batch_all += static_cast<double>(n) * dt;
     w_all += dt;
     waste_max_all = std::max(waste_max_all, waste0);
     if (!waiting.empty()) {
       waste_sat.push_back({avg, dt});
+      surplus_sat.push_back({surplus, dt});
       batch_sat += static_cast<double>(n) * dt;
       w_sat += dt;
       waste_max_sat = std::max(waste_max_sat, waste0);
@@ -637,10 +709,12 @@ SimResult Simulate(Allocator& alloc, const std::vector<Request>& requests,
   if (res.saturated_window) {
     res.mean_batch = batch_sat / w_sat;
     res.waste_p50 = WeightedMedian(std::move(waste_sat));
+    res.surplus_p50 = WeightedMedian(std::move(surplus_sat));
     res.waste_max = waste_max_sat;
   } else {
     res.mean_batch = w_all > 0 ? batch_all / w_all : 0;
     res.waste_p50 = WeightedMedian(std::move(waste_all));
+    res.surplus_p50 = WeightedMedian(std::move(surplus_all));
     res.waste_max = waste_max_all;
   }
   const double gen = static_cast<double>(std::max<std::int64_t>(1, res.generated));
@@ -660,6 +734,7 @@ struct Flags {
   std::vector<std::int64_t> contexts = {8192, 32768, 131072};
   double memory_gib = 40;
   std::vector<std::string> mixes = {"uniform", "longtail"};
+  std::vector<std::string> allocators;  // Empty: all.
   std::string trace;
   std::int64_t requests = 0;  // 0: automatic.
   std::uint64_t seed = 20240501;
@@ -720,13 +795,14 @@ void WriteJson(const std::string& path, const Flags& f,
         "    {{\"model\": \"{}\", \"context\": {}, \"mix\": \"{}\", "
         "\"allocator\": \"{}\", \"requests\": {}, \"bytes_per_token\": {}, "
         "\"peak_batch\": {}, \"mean_batch\": {:.2f}, \"waste_p50_bytes\": "
-        "{:.0f}, \"waste_max_bytes\": {:.0f}, \"driver_calls_per_1k_tokens\": "
+        "{:.0f}, \"waste_max_bytes\": {:.0f}, \"surplus_p50_bytes\": {:.0f}, "
+        "\"driver_calls_per_1k_tokens\": "
         "{:.4f}, \"block_ops_per_1k_tokens\": {:.4f}, \"generated_tokens\": "
         "{}, \"completed\": {}, \"preemptions\": {}, \"rejected\": {}, "
         "\"slot_limited\": {}, \"steps\": {}, \"window\": \"{}\", "
         "\"seconds\": {:.3f}, \"notes\": \"{}\"}}{}\n",
         w.model, w.context, w.mix, w.allocator, w.requests, w.bytes_per_token,
-        r.peak_batch, r.mean_batch, r.waste_p50, r.waste_max,
+        r.peak_batch, r.mean_batch, r.waste_p50, r.waste_max, r.surplus_p50,
         r.driver_calls_per_1k, r.block_ops_per_1k, r.generated, r.completed,
         r.preemptions, r.rejected, r.slot_limited, r.steps,
         r.saturated_window ? "saturated" : "whole run", r.seconds,
@@ -907,7 +983,16 @@ void PrintHelp() {
       "ShareGPT-like: prompt\n"
       "                      median 200, output median 250, sigma 1.0, "
       "clipped to the context)\n"
+      "                      production (Poisson arrivals at 1.1x what the "
+      "memory serves;\n"
+      "                      log-normal prompt median 1500, p99 ~7.4k, output "
+      "median 13),\n"
+      "                      chat (the same arrivals; prompt median 1000, "
+      "output median 130)\n"
       "                      (default uniform,longtail)\n"
+      "  --allocators=LIST   all (default) or a comma list of: "
+      "vattn-token-major,\n"
+      "                      vattn-layer-major, paged-16, paged-32, static\n"
       "  --trace=FILE        add the mix 'trace' from a CSV with a header: "
       "arrival,prompt_tokens,output_tokens\n"
       "                      (arrival in seconds; prompt+output clipped to "
@@ -969,6 +1054,8 @@ int main(int argc, char** argv) {
       f.memory_gib = std::stod(v);
     } else if (ParseFlag(argv[i], "--mixes", &v)) {
       f.mixes = SplitCommas(v);
+    } else if (ParseFlag(argv[i], "--allocators", &v)) {
+      if (v != "all") f.allocators = SplitCommas(v);
     } else if (ParseFlag(argv[i], "--trace", &v)) {
       f.trace = v;
     } else if (ParseFlag(argv[i], "--requests", &v)) {
@@ -996,8 +1083,18 @@ int main(int argc, char** argv) {
   }
   if (models.empty()) Die("no model matches --models (see --help)");
   for (const std::string& mix : f.mixes) {
-    if (mix != "uniform" && mix != "longtail") {
-      Die("unknown mix '" + mix + "' (uniform, longtail; --trace adds trace)");
+    if (mix != "uniform" && mix != "longtail" &&
+        FindArrivalMix(mix) == nullptr) {
+      Die("unknown mix '" + mix +
+          "' (uniform, longtail, production, chat; --trace adds trace)");
+    }
+  }
+  for (const std::string& a : f.allocators) {
+    if (std::find(std::begin(kAllocators), std::end(kAllocators), a) ==
+        std::end(kAllocators)) {
+      Die("unknown allocator '" + a +
+          "' (vattn-token-major, vattn-layer-major, paged-16, paged-32, "
+          "static)");
     }
   }
   for (std::int64_t c : f.contexts) {
@@ -1047,25 +1144,41 @@ int main(int argc, char** argv) {
           const std::uint64_t seed = f.seed * 1000003u +
                                      static_cast<std::uint64_t>(ctx) * 31u +
                                      mi;
+          const std::vector<Request> probe =
+              MakeSynthetic(mix, ctx, 1000, seed);
+          double mean_len = 0;
+          double mean_output = 0;
+          for (const Request& r : probe) {
+            mean_len += static_cast<double>(r.prompt + r.output);
+            mean_output += static_cast<double>(r.output);
+          }
+          mean_len /= static_cast<double>(probe.size());
+          mean_output /= static_cast<double>(probe.size());
+          const double fit = static_cast<double>(memory) /
+                             (static_cast<double>(bpt) * mean_len);
+          const bool continuous = FindArrivalMix(mix) != nullptr;
           std::size_t n = static_cast<std::size_t>(f.requests);
           if (n == 0) {
-            const std::vector<Request> probe =
-                MakeSynthetic(mix, ctx, 1000, seed);
-            double mean_len = 0;
-            for (const Request& r : probe) {
-              mean_len += static_cast<double>(r.prompt + r.output);
-            }
-            mean_len /= static_cast<double>(probe.size());
-            const double fit = static_cast<double>(memory) /
-                               (static_cast<double>(bpt) * mean_len);
-            n = static_cast<std::size_t>(
-                std::clamp(4.0 * fit, 200.0, 20000.0));
+            // Continuous mixes run long enough for many generations of
+            // requests to pass through the memory (slots are reused).
+            n = static_cast<std::size_t>(std::clamp(
+                (continuous ? 30.0 : 4.0) * fit, continuous ? 2000.0 : 200.0,
+                20000.0));
           }
-          reqs = MakeSynthetic(mix, ctx, n, seed);
+          // The rate the memory can serve: `fit` requests resident, each
+          // for about mean_output steps.
+          const double rate =
+              continuous ? kArrivalLoad * fit / std::max(1.0, mean_output) : 0;
+          reqs = MakeSynthetic(mix, ctx, n, seed, rate);
         }
         for (const char* name : kAllocators) {
           std::unique_ptr<Allocator> alloc;
           const std::string a = name;
+          if (!f.allocators.empty() &&
+              std::find(f.allocators.begin(), f.allocators.end(), a) ==
+                  f.allocators.end()) {
+            continue;
+          }
           if (a == "vattn-token-major") {
             alloc = std::make_unique<VattnAllocator>(
                 m, vattn::Layout::kTokenMajor, memory, ctx,
@@ -1098,6 +1211,8 @@ int main(int argc, char** argv) {
           if (a.rfind("paged", 0) == 0) {
             notes = fmt::format("{:.1f} block allocs/1ktok (user space)",
                                 r.block_ops_per_1k);
+          } else if (a.rfind("vattn", 0) == 0) {
+            notes = fmt::format("surplus p50 {:.2f}G", r.surplus_p50 / kGiB);
           }
           if (!r.saturated_window) notes += " [never saturated: whole run]";
           if (r.slot_limited > 0) {
