@@ -1,0 +1,14 @@
+// Copyright 2026 The vattn Authors. Licensed under the Apache License 2.0.
+//
+// vattn._vattn: the nanobind extension behind the `vattn` package.
+#include <nanobind/nanobind.h>
+
+#include "python/src/bindings.h"
+#include "python/src/errors.h"
+
+NB_MODULE(_vattn, m) {
+  m.doc() = "vattn's C++ API (KV cache in contiguous virtual memory), bound with nanobind.";
+  vattn::python::RegisterErrors(m);
+  vattn::python::BindBackends(m);
+  vattn::python::BindCache(m);
+}
