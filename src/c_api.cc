@@ -357,7 +357,7 @@ int vattn_cache_free(vattn_cache* cache, int slot, void* stream,
   return vattn::Guard(kFn, [&] {
     if (cache == nullptr) return vattn::NullArgument(kFn, "cache");
     std::optional<vattn::Stream> fence;
-    if (has_fence != 0) fence = stream;
+    if (has_fence != 0) fence = vattn::Stream::FromHandle(stream);
     return vattn::Report(kFn, cache->cache->Free(slot, fence));
   });
 }

@@ -152,7 +152,9 @@ class FenceTest : public ::testing::Test {
     backend_->Watch(begin, end);
   }
   // A stream handle; the manual backend ignores its value.
-  static Stream AStream() { return reinterpret_cast<Stream>(0x1); }
+  static Stream AStream() {
+    return Stream::FromHandle(reinterpret_cast<void*>(0x1000));
+  }
 
   std::shared_ptr<ManualFenceBackend> backend_;
   KVCacheOptions opts_;
@@ -285,7 +287,7 @@ TEST(ManualFenceBackendTest, DestroyingTheBackendWaitsForLeakedFences) {
     VATTN_ASSERT_OK_AND_ASSIGN(PhysicalHandle h, backend->Create(g));
     VATTN_ASSERT_OK(backend->Map(va, h));
     backend->Watch(va, va + g);
-    VATTN_ASSERT_OK_AND_ASSIGN(FenceId f, backend->RecordFence(nullptr));
+    VATTN_ASSERT_OK_AND_ASSIGN(FenceId f, backend->RecordFence(Stream{}));
     EXPECT_NE(f, kCompletedFence);
   }  // Leaked: the mapping, the handle, the reservation and the fence.
   EXPECT_EQ(*tally, 0) << "unmapped under a pending fence";

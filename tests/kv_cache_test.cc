@@ -1173,7 +1173,7 @@ TEST_P(KVCacheTest, FreeWithAFenceOnHostCompletesAtOnce) {
   VATTN_ASSERT_OK_AND_ASSIGN(int b, cache_->AllocSlot());
   VATTN_ASSERT_OK(cache_->Grow(a, p));
   int dummy_stream = 0;
-  VATTN_ASSERT_OK(cache_->Free(a, Stream{&dummy_stream}));
+  VATTN_ASSERT_OK(cache_->Free(a, Stream::FromHandle(&dummy_stream)));
   EXPECT_EQ(backend_->counters().fences, 0);
   // b's growth reclaims a's memory at once, without waiting.
   VATTN_ASSERT_OK(cache_->Grow(b, p));
@@ -1182,7 +1182,7 @@ TEST_P(KVCacheTest, FreeWithAFenceOnHostCompletesAtOnce) {
   EXPECT_EQ(st.reclaimed_extents, 1);
   EXPECT_EQ(backend_->counters().fences, 0);
   // The default stream too.
-  VATTN_ASSERT_OK(cache_->Free(b, Stream{nullptr}));
+  VATTN_ASSERT_OK(cache_->Free(b, Stream::Legacy()));
   EXPECT_EQ(backend_->counters().fences, 0);
   EXPECT_TRUE(Consistent(*cache_));
 }
@@ -1228,7 +1228,7 @@ TEST_P(KVCacheTest, BadCallsChangeNothing) {
   VATTN_EXPECT_CODE(cache_->Grow(b, 1), StatusCode::kFailedPrecondition);
   VATTN_EXPECT_CODE(cache_->Shrink(b, 0), StatusCode::kFailedPrecondition);
   VATTN_EXPECT_CODE(cache_->Free(b), StatusCode::kFailedPrecondition);
-  VATTN_EXPECT_CODE(cache_->Free(b, Stream{nullptr}),
+  VATTN_EXPECT_CODE(cache_->Free(b, Stream::Legacy()),
                     StatusCode::kFailedPrecondition);
   EXPECT_TRUE(Unchanged(before, *cache_));
   // Bad hints.

@@ -263,7 +263,9 @@ class VattnStore final : public KvStore {
     return absl::OkStatus();
   }
   absl::Status Release(int row) override {
-    if (stream_ != nullptr) return cache_->Free(row, stream_);
+    if (stream_ != nullptr) {
+      return cache_->Free(row, vattn::Stream::FromHandle(stream_));
+    }
     return cache_->Free(row);
   }
   KvTensor K(int layer) const override {

@@ -56,6 +56,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "vattn/export.h"
+#include "vattn/stream.h"
 
 namespace vattn {
 
@@ -73,9 +74,6 @@ inline constexpr PhysicalHandle kInvalidHandle = 0;
 using FenceId = std::uint64_t;
 inline constexpr FenceId kCompletedFence = 0;
 
-// A stream of the backend's device (a CUstream on CUDA; nullptr is the
-// legacy default stream). Ignored by backends without streams.
-using Stream = void*;
 
 // The six calls that change memory state, for counters and fault injection.
 enum class BackendOp : int {
@@ -169,8 +167,11 @@ class VATTN_EXPORT Backend {
   absl::Status CopyToDevice(DevicePtr dst, const void* src, std::size_t bytes);
   absl::Status CopyFromDevice(void* dst, DevicePtr src, std::size_t bytes);
 
-  // Records a fence after the work queued so far on `stream`. Backends
-  // without streams return kCompletedFence.
+  // Records a fence after the work queued so far on `stream` (vattn/stream.h;
+  // Stream{} is the legacy default stream). Backends without streams return
+  // kCompletedFence. FailedPrecondition: the stream is being captured into
+  // a CUDA graph (an event recorded there would be a graph node, not a
+  // fence).
   absl::StatusOr<FenceId> RecordFence(Stream stream);
   // True once the work before the fence has finished. InvalidArgument: an
   // unknown fence.

@@ -9,6 +9,7 @@
 //   vattn/status.h   error codes and the VATTN_RETURN_IF_ERROR /
 //                    VATTN_ASSIGN_OR_RETURN macros
 //   vattn/export.h   the VATTN_EXPORT visibility macro
+//   vattn/stream.h   Stream, the view of a device stream that fences take
 //   vattn/backend.h  the backend layer (Host, CUDA, latency model, fault
 //                    injection) and its contract
 //   vattn/options.h  KVCacheOptions, DType, Layout
@@ -26,5 +27,6 @@
 #include "vattn/options.h"
 #include "vattn/stats.h"
 #include "vattn/status.h"
+#include "vattn/stream.h"
 
 #endif  // VATTN_VATTN_H_

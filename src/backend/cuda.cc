@@ -204,7 +204,7 @@ class CudaBackend final : public Backend {
     VATTN_RETURN_IF_ERROR(scope.status());
     VATTN_ASSIGN_OR_RETURN(CUevent event, TakeEventInContext());
     absl::Status s = VATTN_CU_STATUS(
-        driver_.cuEventRecord(event, static_cast<CUstream>(stream)));
+        driver_.cuEventRecord(event, static_cast<CUstream>(stream.value())));
     if (!s.ok()) {
       GiveBackEventInContext(event);
       return s;

@@ -569,7 +569,7 @@ TEST_P(BackendContractTest, ZeroClearsAFreshHandle) {
 }
 
 TEST_P(BackendContractTest, FencesWithoutWorkComplete) {
-  VATTN_ASSERT_OK_AND_ASSIGN(FenceId f, b().RecordFence(nullptr));
+  VATTN_ASSERT_OK_AND_ASSIGN(FenceId f, b().RecordFence(Stream{}));
   VATTN_ASSERT_OK_AND_ASSIGN(bool done, b().FenceDone(f));
   if (!done) VATTN_EXPECT_OK(b().WaitFence(f));
   VATTN_EXPECT_OK(b().WaitFence(f));
@@ -592,7 +592,7 @@ TEST_P(BackendContractTest, DestroyingTheBackendTakesBackEverything) {
   VATTN_ASSERT_OK(b().Map(va + 3 * g_, h1));
   std::vector<std::uint8_t> data = Pattern(g_, 10);
   VATTN_ASSERT_OK(b().CopyToDevice(va, data.data(), data.size()));
-  VATTN_ASSERT_OK_AND_ASSIGN(FenceId fence, b().RecordFence(nullptr));
+  VATTN_ASSERT_OK_AND_ASSIGN(FenceId fence, b().RecordFence(Stream{}));
   (void)fence;
 
   const bool host_address_space = b().capabilities().device < 0;

@@ -246,7 +246,7 @@ TEST_F(CudaBackendTest, TwoBackendsOnOneDeviceAreIndependent) {
 }
 
 TEST_F(CudaBackendTest, FenceOnTheDefaultStreamCompletes) {
-  VATTN_ASSERT_OK_AND_ASSIGN(FenceId fence, backend_->RecordFence(nullptr));
+  VATTN_ASSERT_OK_AND_ASSIGN(FenceId fence, backend_->RecordFence(Stream{}));
   EXPECT_NE(fence, kCompletedFence);
   EXPECT_EQ(backend_->counters().fences, 1);
   VATTN_ASSERT_OK(backend_->WaitFence(fence));
@@ -290,7 +290,7 @@ class BlockedStream {
     if (context_ != nullptr) (void)d_.cuDevicePrimaryCtxRelease(device_);
   }
 
-  Stream stream() const { return stream_; }
+  Stream stream() const { return Stream::FromHandle(stream_); }
   void Release() { released_.store(true); }
 
  private:
@@ -344,7 +344,7 @@ TEST_F(CudaBackendTest, FenceOnABusyStreamIsNotDoneUntilTheWorkFinishes) {
 TEST_F(CudaBackendTest, FencesAreIndependentAndReusable) {
   VATTN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<BlockedStream> blocked,
                              BlockedStream::Make());
-  VATTN_ASSERT_OK_AND_ASSIGN(FenceId idle, backend_->RecordFence(nullptr));
+  VATTN_ASSERT_OK_AND_ASSIGN(FenceId idle, backend_->RecordFence(Stream{}));
   VATTN_ASSERT_OK_AND_ASSIGN(FenceId busy,
                              backend_->RecordFence(blocked->stream()));
   EXPECT_NE(idle, busy);
@@ -354,7 +354,7 @@ TEST_F(CudaBackendTest, FencesAreIndependentAndReusable) {
   // Releasing an unfinished fence is allowed; its event goes back to the
   // pool and a new fence on an idle stream must not inherit its state.
   VATTN_EXPECT_OK(backend_->ReleaseFence(busy));
-  VATTN_ASSERT_OK_AND_ASSIGN(FenceId again, backend_->RecordFence(nullptr));
+  VATTN_ASSERT_OK_AND_ASSIGN(FenceId again, backend_->RecordFence(Stream{}));
   VATTN_ASSERT_OK(backend_->WaitFence(again));
   VATTN_ASSERT_OK_AND_ASSIGN(done, backend_->FenceDone(again));
   EXPECT_TRUE(done);
