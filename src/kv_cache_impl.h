@@ -1,0 +1,236 @@
+// Copyright 2026 The vattn Authors. Licensed under the Apache License 2.0.
+//
+// The KV cache's implementation: a state machine over its slots. A slot is
+// idle or active (SlotState) and has at most one operation in flight
+// (SlotOp); the cache moves it between states under one lock and decides
+// what to map, reclaim and zero. The pieces it delegates to, one file each:
+//   CacheGeometry (cache_geometry.h)  addresses, sizes, views;
+//   Placement (placement.h)           which slot a request takes, which one
+//                                     gives memory back;
+//   ExtentMapper (extent_mapper.h)    map/unmap/zero an extent with the lock
+//                                     dropped, with rollback;
+//   MapAheadWorker (map_ahead.h)      the background thread and its wake-up;
+//   PhysicalPool (physical_pool.h)    handles and the budget.
+// kv_cache.cc holds the public calls (the slots' transitions);
+// kv_cache_backing.cc how memory gets behind a slot: construction and
+// teardown, fences, reclamation, and the map-ahead thread's decisions.
+//
+// Locking. One mutex (mu) guards the slots' books, placement and the
+// counters. Driver calls never run under it: the thread that maps or unmaps
+// a slot marks it busy (SlotOp), drops the lock for the driver calls, then
+// takes it back to commit; others that need a busy slot wait on state_cv.
+// Waiting cannot deadlock: a thread mapping a slot may wait only for a slot
+// another thread is unmapping or zeroing (reclamation), and those threads
+// wait for no slot. Step's fast path takes no lock: it reads and writes only
+// the slots' LockFree<> fields and flags look-ahead work in the worker's due
+// set. Lock order: mu, then the PhysicalPool's lock (the pool never calls
+// back); the worker's wake lock is taken alone.
+#ifndef VATTN_SRC_KV_CACHE_IMPL_H_
+#define VATTN_SRC_KV_CACHE_IMPL_H_
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_format.h"
+#include "src/cache_geometry.h"
+#include "src/extent_mapper.h"
+#include "src/internal/mutex.h"
+#include "src/map_ahead.h"
+#include "src/physical_pool.h"
+#include "src/placement.h"
+#include "src/slot.h"
+#include "vattn/kv_cache.h"
+#include "vattn/status.h"
+
+namespace vattn {
+
+struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
+  Impl(const KVCacheOptions& o, std::shared_ptr<Backend> b, CacheGeometry g)
+      : opts(o),
+        backend(std::move(b)),
+        geo(std::move(g)),
+        worker(o.max_slots),
+        slots(static_cast<std::size_t>(o.max_slots)),
+        placement(o.max_slots) {}
+
+  absl::Status Init();
+  void Shutdown();
+
+  // ---- Checks -----------------------------------------------------------
+  absl::Status CheckSlot(int slot) const {
+    if (slot < 0 || slot >= opts.max_slots) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "slot %d is out of range [0, %d)", slot, opts.max_slots));
+    }
+    return absl::OkStatus();
+  }
+  absl::Status CheckActiveLocked(int slot) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    VATTN_RETURN_IF_ERROR(CheckSlot(slot));
+    if (!slots[static_cast<std::size_t>(slot)].active()) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "slot %d is not active (never allocated or freed)", slot));
+    }
+    return absl::OkStatus();
+  }
+  absl::Status CheckTokens(std::int64_t tokens) const {
+    if (tokens < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("tokens must be >= 0, got %d", tokens));
+    }
+    if (tokens > opts.max_tokens) {
+      return absl::OutOfRangeError(absl::StrFormat(
+          "%d tokens exceed max_tokens %d", tokens, opts.max_tokens));
+    }
+    return absl::OkStatus();
+  }
+
+  // ---- Slot transitions (each keeps placement in step) --------------------
+  Slot& At(int slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    return slots[static_cast<std::size_t>(slot)];
+  }
+  void SetOpLocked(int slot, SlotOp op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    At(slot).set_op(op);
+    placement.OnSlotOp(slot, op);
+    if (op == SlotOp::kNone) state_cv.SignalAll();
+  }
+  void WaitNotBusyLocked(int slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    while (At(slot).busy()) state_cv.Wait(&mu);
+  }
+  // Adopts the slot's surplus until it backs `bytes` (no driver call).
+  bool AdoptUpToLocked(int slot, std::int64_t bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    Slot& s = At(slot);
+    bool adopted = false;
+    while (s.backing_bytes() < bytes && s.AdoptNext()) {
+      ++stats.adopted_extents;
+      adopted = true;
+    }
+    if (adopted) placement.OnExtentsChanged(slot, s.extents(), s.backing_extents());
+    return adopted;
+  }
+
+  // ExtentMapperOwner.
+  absl::StatusOr<std::vector<PhysicalHandle>> AcquireHandles(
+      std::int64_t minimum, std::int64_t preferred,
+      std::int64_t* bytes) override ABSL_LOCKS_EXCLUDED(mu);
+  void SlotOpChanged(int slot, const Slot& s) override
+      ABSL_NO_THREAD_SAFETY_ANALYSIS {  // The mapper holds mu.
+    placement.OnSlotOp(slot, s.op());
+  }
+  void SlotExtentsChanged(int slot, const Slot& s) override
+      ABSL_NO_THREAD_SAFETY_ANALYSIS {  // The mapper holds mu.
+    placement.OnExtentsChanged(slot, s.extents(), s.backing_extents());
+  }
+
+  // ---- Mapping and reclamation --------------------------------------------
+  // Makes the slot back `tokens`, adopting surplus or mapping one extent on
+  // this thread (waiting first if another thread is mapping the slot). Sets
+  // *mapped_here when this thread mapped. A failed call leaves the slot as
+  // it found it.
+  absl::Status EnsureBackedLocked(int slot, std::int64_t tokens,
+                                  bool* mapped_here)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Takes the last extent of the slot placement chooses back into the pool
+  // and returns its size per region; 0 when no slot can give memory.
+  absl::StatusOr<std::int64_t> ReclaimOne() ABSL_LOCKS_EXCLUDED(mu);
+  // Releases the slot's fences that have completed; true when none is left.
+  bool PruneFencesLocked(Slot& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Waits for (and releases) the slot's fences. The slot is busy; drops mu.
+  absl::Status WaitFencesLocked(Slot& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+
+  // ---- Map-ahead decisions -------------------------------------------------
+  bool RunOnce() override ABSL_LOCKS_EXCLUDED(mu);
+  absl::Duration IdleNap() override ABSL_LOCKS_EXCLUDED(mu);
+  // One round of look-ahead mapping: true when it did something.
+  bool MapAheadRoundLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Tops the pool up to the high water mark when below the low one.
+  bool RefillPoolLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Bytes per region the thread keeps a slot mapped to: `ahead` tokens past
+  // its length (or hint). Reads only LockFree<> fields.
+  std::int64_t TargetBytes(const Slot& s, std::int64_t ahead) const {
+    return geo.BytesFor(std::min<std::int64_t>(
+        opts.max_tokens, std::max<std::int64_t>(s.length(), s.hint()) + ahead));
+  }
+  bool BehindBy(const Slot& s, std::int64_t ahead) const {
+    if (!look_ahead || !s.active()) return false;
+    return s.backing_bytes() < TargetBytes(s, ahead);
+  }
+  bool NeedsMapAhead(const Slot& s) const {
+    return BehindBy(s, opts.map_ahead_tokens);
+  }
+  // Less than a quarter of the look-ahead is left: the thread (which also
+  // polls while slots are active) must be woken now. Step wakes it only
+  // then: a wake-up costs the caller a futex call and, on a busy machine, a
+  // context switch.
+  bool UrgentMapAhead(const Slot& s) const {
+    return BehindBy(s, std::max<std::int64_t>(1, opts.map_ahead_tokens / 4));
+  }
+  void MarkIfDue(int slot, const Slot& s) {
+    if (NeedsMapAhead(s)) worker.MarkDue(slot);
+  }
+  // Announces work to the thread; the caller wakes it once mu is dropped.
+  void NoteWorkLocked(bool* wake) {
+    worker.NoteWork();
+    *wake = true;
+  }
+
+  // ---- Public calls' bodies, under mu; *wake asks the caller to wake the
+  // thread once mu is dropped.
+  absl::StatusOr<int> AllocSlotLocked(std::int64_t expected_tokens, bool* wake)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  absl::Status FreeLocked(int slot, std::optional<Stream> fence)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  absl::StatusOr<StepResult> StepLocked(absl::Span<const StepRequest> batch,
+                                        bool* wake)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Step without the lock when every slot is backed; false to take the
+  // slow path instead (nothing changed then).
+  bool TryFastStep(absl::Span<const StepRequest> batch);
+  // The slot, for Step's lock-free fast path: only LockFree<> fields may be
+  // touched through it.
+  Slot& FastPathSlot(int slot) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return slots[static_cast<std::size_t>(slot)];
+  }
+  void SetBackgroundErrorLocked(absl::Status status)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (!background_error.ok()) return;
+    background_error = std::move(status);
+    has_background_error.store(true, std::memory_order_release);
+  }
+
+  // ---- Constant after construction ----------------------------------------
+  const KVCacheOptions opts;
+  const std::shared_ptr<Backend> backend;
+  const CacheGeometry geo;
+  bool look_ahead = false;  // The thread runs and map_ahead_tokens > 0.
+  DevicePtr base = 0;
+  std::int64_t budget = 0;
+  std::unique_ptr<PhysicalPool> pool;
+  std::unique_ptr<ExtentMapper> mapper;
+  MapAheadWorker worker;
+
+  // ---- Guarded by mu ------------------------------------------------------
+  mutable internal::Mutex mu;
+  internal::CondVar state_cv;  // A slot stopped being busy.
+  std::vector<Slot> slots ABSL_GUARDED_BY(mu);
+  Placement placement ABSL_GUARDED_BY(mu);
+  int active_count ABSL_GUARDED_BY(mu) = 0;
+  CacheStats stats ABSL_GUARDED_BY(mu);  // Counters; the rest is derived.
+  bool shutting_down ABSL_GUARDED_BY(mu) = false;
+  absl::Status background_error ABSL_GUARDED_BY(mu);
+  // Set with background_error, so Step's fast path can see it lock-free.
+  std::atomic<bool> has_background_error{false};
+  std::atomic<std::int64_t> step_calls{0};
+};
+
+}  // namespace vattn
+
+#endif  // VATTN_SRC_KV_CACHE_IMPL_H_
