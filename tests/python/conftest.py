@@ -10,6 +10,10 @@ import vattn
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.int8]
 LAYOUTS = ["token-major", "layer-major"]
 
+# The models here are tiny: one thread is as fast, and it keeps the suite
+# quick on a shared 2-core machine where OpenMP threads would contend.
+torch.set_num_threads(1)
+
 
 def cuda_skip_reason():
     """None when a CUDA device can hold a vattn cache, else why not."""

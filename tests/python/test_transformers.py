@@ -84,9 +84,16 @@ def test_generate_matches_dynamic_cache(model_name, dtype, layout, kind):
     got = generate(model, ids, mask, cache=cache)
     assert got.shape == want.shape
     assert torch.equal(got, want), (got, want)
+    # Stronger than the tokens: every step's logits are bitwise equal too.
+    cache.reset()
+    ours = generate(model, ids, mask, cache=cache, output_logits=True,
+                    return_dict_in_generate=True)
+    ref = generate(model, ids, mask, output_logits=True, return_dict_in_generate=True)
+    assert len(ours.logits) == len(ref.logits) == 24
+    assert all(torch.equal(a, b) for a, b in zip(ours.logits, ref.logits))
     # One step per model step (prefill + 23 decode steps), every row grown.
     st = cache.vattn_cache.stats()
-    assert st.step_calls == 24 and st.active_slots == 3
+    assert st.step_calls == 48 and st.active_slots == 3
     assert cache.get_seq_length() == ids.shape[1] + 23
     # The layer's keys are views of vattn's memory, not copies.
     k_full = torch.from_dlpack(cache.vattn_cache.k(0))
