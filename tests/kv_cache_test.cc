@@ -28,6 +28,7 @@
 #include "gtest/gtest.h"
 #include "tests/support/test_support.h"
 #include "vattn/backend.h"
+#include "vattn/fault_injection.h"
 #include "vattn/kv_cache.h"
 #include "vattn/options.h"
 #include "vattn/stats.h"

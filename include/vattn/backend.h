@@ -42,6 +42,10 @@
 //    handles and releases reservations, so a leak in a caller can never
 //    outlive the backend. Callers that want to prove they leaked nothing
 //    compare counters() before and after.
+//
+// The wrappers that compose over a backend live in their own headers:
+// vattn/backend_wrapper.h (BackendWrapper), vattn/latency_model.h and
+// vattn/fault_injection.h.
 #ifndef VATTN_BACKEND_H_
 #define VATTN_BACKEND_H_
 
@@ -160,7 +164,8 @@ class VATTN_EXPORT Backend {
   absl::Status Unmap(DevicePtr va, std::size_t bytes);
 
   // Data movement on mapped memory, for tests, examples and zero-on-reuse.
-  // Every byte of the range must be mapped (InvalidArgument otherwise).
+  // Every byte of the range must be mapped (InvalidArgument otherwise, as for
+  // a range whose end would wrap around the address space).
   // Synchronous: the data is in place when the call returns. While one runs,
   // Unmap of a mapping it touches fails with FailedPrecondition.
   absl::Status Zero(DevicePtr va, std::size_t bytes);
@@ -254,141 +259,6 @@ VATTN_EXPORT absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackend(
 // Number of CUDA devices, or Unavailable (with the reason) when no driver can
 // be loaded. Never fails on a machine with a driver and zero devices.
 VATTN_EXPORT absl::StatusOr<int> CudaDeviceCount();
-
-// ---------------------------------------------------------------------------
-// BackendWrapper: forwards every hook to an inner backend (leveldb's
-// EnvWrapper). Wrappers override only the hooks they change and call
-// BackendWrapper's to forward. Owns a reference to the inner backend; its
-// destructor takes back what is still live through the inner backend with
-// the plain forwarding hooks (a wrapper's own behaviour, such as charging
-// costs or injecting faults, does not apply at shutdown). Thread-safe like
-// every backend.
-class VATTN_EXPORT BackendWrapper : public Backend {
- public:
-  ~BackendWrapper() override;
-  const std::shared_ptr<Backend>& inner() const { return inner_; }
-
- protected:
-  // `kind` names the wrapper: capabilities().name is "kind(inner's name)";
-  // the other capabilities are the inner backend's. `inner` is not null.
-  BackendWrapper(std::shared_ptr<Backend> inner, const std::string& kind);
-
-  absl::StatusOr<DevicePtr> DoReserve(std::size_t bytes) override;
-  absl::Status DoRelease(DevicePtr va, std::size_t bytes) override;
-  absl::StatusOr<PhysicalHandle> DoCreate(std::size_t bytes) override;
-  absl::Status DoDestroy(PhysicalHandle handle, std::size_t bytes) override;
-  absl::Status DoMap(DevicePtr va, PhysicalHandle handle,
-                     std::size_t bytes) override;
-  absl::Status DoUnmap(DevicePtr va, std::size_t bytes) override;
-  absl::Status DoZero(DevicePtr va, std::size_t bytes) override;
-  absl::Status DoCopyToDevice(DevicePtr dst, const void* src,
-                              std::size_t bytes) override;
-  absl::Status DoCopyFromDevice(void* dst, DevicePtr src,
-                                std::size_t bytes) override;
-  absl::StatusOr<FenceId> DoRecordFence(Stream stream) override;
-  absl::StatusOr<bool> DoFenceDone(FenceId fence) override;
-  absl::Status DoWaitFence(FenceId fence) override;
-  absl::Status DoReleaseFence(FenceId fence) override;
-
- private:
-  const std::shared_ptr<Backend> inner_;
-};
-
-// ---------------------------------------------------------------------------
-// Latency model: forwards every call to an inner backend and charges a cost
-// per call on top, by spinning, under one lock per backend for the mapping
-// calls (the driver serializes mapping). Lets map-ahead logic be measured on
-// CPUs with GPU-like costs.
-
-// Cost of one call on a handle or range of `bytes`:
-//   base_us + per_granule_us * bytes / 2 MiB.
-struct CallCost {
-  double base_us = 0;
-  double per_granule_us = 0;
-  double Micros(std::size_t bytes) const;
-};
-
-struct LatencyCosts {
-  CallCost reserve;
-  CallCost release;
-  CallCost create;
-  CallCost destroy;
-  CallCost map;  // cuMemMap + cuMemSetAccess.
-  CallCost unmap;
-  // Fitted to the medians measured on an H200 (driver 580, CUDA 13) in
-  // DESIGN.md: 2 MiB, 128 MiB and 512 MiB handles.
-  static LatencyCosts H200();
-  // The same shape measured on an H100.
-  static LatencyCosts H100();
-  // No cost at all: the wrapper only forwards.
-  static LatencyCosts Zero();
-  const CallCost& For(BackendOp op) const;
-};
-
-VATTN_EXPORT absl::StatusOr<std::shared_ptr<Backend>> MakeLatencyModelBackend(
-    std::shared_ptr<Backend> inner, LatencyCosts costs = LatencyCosts::H200());
-
-// ---------------------------------------------------------------------------
-// Fault injection: forwards to an inner backend, but fails chosen calls with
-// a chosen code before they reach it (so a failed call changes nothing).
-// Calls are counted per op from 1, counting only calls that passed the
-// contract checks (so indices are stable for a given call sequence).
-struct FaultRule {
-  // Which calls the rule counts; std::nullopt counts every op together.
-  std::optional<BackendOp> op;
-  // The call (1-based, among the calls counted) that fails.
-  std::int64_t nth = 1;
-  // Fail every call from the nth on, not just the nth.
-  bool and_after = false;
-  absl::StatusCode code = absl::StatusCode::kInternal;
-};
-struct FaultPlan {
-  std::vector<FaultRule> rules;
-  // Fails the nth call of `op` once.
-  static FaultPlan FailNth(BackendOp op, std::int64_t nth,
-                           absl::StatusCode code = absl::StatusCode::kInternal);
-  // Fails the nth call of any op, once.
-  static FaultPlan FailNthAny(
-      std::int64_t nth, absl::StatusCode code = absl::StatusCode::kInternal);
-};
-
-// The fault-injection wrapper, public so tests can change the plan and read
-// how many calls it saw. Thread-safe.
-class VATTN_EXPORT FaultInjectionBackend : public BackendWrapper {
- public:
-  static absl::StatusOr<std::shared_ptr<FaultInjectionBackend>> Create(
-      std::shared_ptr<Backend> inner, FaultPlan plan = {});
-  ~FaultInjectionBackend() override;
-  // The static Create above would otherwise hide Backend::Create(bytes).
-  using Backend::Create;
-
-  // Replaces the plan and restarts the call counts.
-  void SetPlan(FaultPlan plan);
-  // Calls of `op` seen since the last SetPlan (nullopt: all ops).
-  std::int64_t seen(std::optional<BackendOp> op = std::nullopt) const;
-  // Calls failed on purpose since the last SetPlan.
-  std::int64_t injected() const;
-
- protected:
-  absl::StatusOr<DevicePtr> DoReserve(std::size_t bytes) override;
-  absl::Status DoRelease(DevicePtr va, std::size_t bytes) override;
-  absl::StatusOr<PhysicalHandle> DoCreate(std::size_t bytes) override;
-  absl::Status DoDestroy(PhysicalHandle handle, std::size_t bytes) override;
-  absl::Status DoMap(DevicePtr va, PhysicalHandle handle,
-                     std::size_t bytes) override;
-  absl::Status DoUnmap(DevicePtr va, std::size_t bytes) override;
-
- private:
-  FaultInjectionBackend(std::shared_ptr<Backend> inner, FaultPlan plan);
-  // Counts the call and returns the injected error, if any.
-  absl::Status Check(BackendOp op);
-
-  struct Plan;  // The plan and call counts; defined in fault_injection.cc.
-  const std::unique_ptr<Plan> plan_;
-};
-
-VATTN_EXPORT absl::StatusOr<std::shared_ptr<Backend>>
-MakeFaultInjectionBackend(std::shared_ptr<Backend> inner, FaultPlan plan);
 
 }  // namespace vattn
 

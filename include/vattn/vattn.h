@@ -10,8 +10,10 @@
 //                    VATTN_ASSIGN_OR_RETURN macros
 //   vattn/export.h   the VATTN_EXPORT visibility macro
 //   vattn/stream.h   Stream, the view of a device stream that fences take
-//   vattn/backend.h  the backend layer (Host, CUDA, latency model, fault
-//                    injection) and its contract
+//   vattn/backend.h  the backend layer (Host, CUDA) and its contract
+//   vattn/backend_wrapper.h  BackendWrapper, the base of forwarding backends
+//   vattn/latency_model.h    a wrapper charging measured driver costs
+//   vattn/fault_injection.h  a wrapper failing chosen calls, for tests
 //   vattn/options.h  KVCacheOptions, DType, Layout
 //   vattn/stats.h    CacheStats
 //   vattn/kv_cache.h KVCache, TensorView, StepRequest
@@ -21,9 +23,12 @@
 #define VATTN_VATTN_H_
 
 #include "vattn/backend.h"
+#include "vattn/backend_wrapper.h"
 #include "vattn/c_api.h"
 #include "vattn/export.h"
+#include "vattn/fault_injection.h"
 #include "vattn/kv_cache.h"
+#include "vattn/latency_model.h"
 #include "vattn/options.h"
 #include "vattn/stats.h"
 #include "vattn/status.h"

@@ -5,6 +5,8 @@
 // check and mark the objects busy under the lock, call the hook unlocked,
 // then commit (or undo the mark) under the lock.
 
+#include <limits>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -159,6 +161,15 @@ void Backend::State::PinLocked(DevicePtr va, std::size_t bytes, int delta) {
 
 absl::Status Backend::PinMapped(const char* what, DevicePtr va,
                                 std::size_t bytes) {
+  // Every range check below compares against va + bytes: refuse a range
+  // whose end does not fit in the address space before computing it.
+  if (bytes > std::numeric_limits<DevicePtr>::max() - va) {
+    CountFailure();
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: range 0x%x + %d runs past the end of the address space (backend "
+        "%s)",
+        what, va, bytes, caps_.name));
+  }
   std::optional<DevicePtr> hole;
   {
     MutexLock lock(&state_->mu);

@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "src/internal/mutex.h"
 #include "vattn/backend.h"
+#include "vattn/fault_injection.h"
 #include "vattn/status.h"
 
 namespace vattn {

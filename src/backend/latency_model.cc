@@ -13,8 +13,14 @@
 #include <string>
 #include <utility>
 
+#include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_format.h"
 #include "src/internal/mutex.h"
 #include "vattn/backend.h"
+#include "vattn/backend_wrapper.h"
+#include "vattn/latency_model.h"
+#include "vattn/status.h"
 
 namespace vattn {
 
@@ -87,8 +93,11 @@ namespace {
 using internal::Mutex;
 using internal::MutexLock;
 
+// `micros` is clamped to [0, kMaxChargeMicros], so the conversion to the
+// clock's integer ticks below cannot overflow (NaN fails `micros > 0`).
 void Spin(double micros) {
-  if (micros <= 0) return;
+  if (!(micros > 0)) return;
+  if (micros > kMaxChargeMicros) micros = kMaxChargeMicros;
   const auto deadline =
       std::chrono::steady_clock::now() +
       std::chrono::duration_cast<std::chrono::steady_clock::duration>(
@@ -154,6 +163,29 @@ class LatencyModelBackend final : public BackendWrapper {
   Mutex driver_mu_;
 };
 
+absl::Status CheckCost(const char* field, double micros) {
+  // Written so that NaN fails too.
+  if (!(micros >= 0 && micros <= kMaxCallCostMicros)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "MakeLatencyModelBackend: costs.%s = %g us; each cost must be finite, "
+        "non-negative and at most %g us",
+        field, micros, kMaxCallCostMicros));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckCosts(const LatencyCosts& costs) {
+  for (int i = 0; i < kNumBackendOps; ++i) {
+    const BackendOp op = static_cast<BackendOp>(i);
+    const CallCost& cost = costs.For(op);
+    const std::string name = absl::AsciiStrToLower(BackendOpName(op));
+    VATTN_RETURN_IF_ERROR(CheckCost((name + ".base_us").c_str(), cost.base_us));
+    VATTN_RETURN_IF_ERROR(
+        CheckCost((name + ".per_granule_us").c_str(), cost.per_granule_us));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<std::shared_ptr<Backend>> MakeLatencyModelBackend(
@@ -162,6 +194,7 @@ absl::StatusOr<std::shared_ptr<Backend>> MakeLatencyModelBackend(
     return absl::InvalidArgumentError(
         "MakeLatencyModelBackend: inner backend is null");
   }
+  VATTN_RETURN_IF_ERROR(CheckCosts(costs));
   return std::shared_ptr<Backend>(
       std::make_shared<LatencyModelBackend>(std::move(inner), costs));
 }

@@ -7,6 +7,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "vattn/backend_wrapper.h"
+
 #include "vattn/backend.h"
 
 namespace vattn {

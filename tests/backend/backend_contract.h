@@ -530,6 +530,17 @@ TEST_P(BackendContractTest, CopiesNeedEveryByteMapped) {
   EXPECT_TRUE(SameState(before, b().counters()));
   // Fully inside: fine.
   VATTN_EXPECT_OK(b().CopyToDevice(va + g_, buf.data(), g_));
+  // Issue 9 defect 5: a range whose end wraps around the address space
+  // starts in a mapping, so a check that compares against va + bytes saw it
+  // "mapped" and the copy ran off into unmapped memory (a segfault).
+  const DevicePtr inside = va + g_ + 8;
+  const std::size_t wraps_to_zero = ~std::size_t{0} - inside + 1;
+  for (std::size_t bytes : {~std::size_t{0}, wraps_to_zero, wraps_to_zero + 8}) {
+    SCOPED_TRACE(bytes);
+    VATTN_EXPECT_CODE(b().Zero(inside, bytes), kInvalid);
+    VATTN_EXPECT_CODE(b().CopyToDevice(inside, buf.data(), bytes), kInvalid);
+    VATTN_EXPECT_CODE(b().CopyFromDevice(buf.data(), inside, bytes), kInvalid);
+  }
 
   VATTN_ASSERT_OK(b().Unmap(va + g_, g_));
   VATTN_EXPECT_CODE(b().CopyToDevice(va + g_, buf.data(), 16), kInvalid);

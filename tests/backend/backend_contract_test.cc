@@ -9,6 +9,8 @@
 
 #include "tests/backend/backend_contract.h"
 #include "vattn/backend.h"
+#include "vattn/fault_injection.h"
+#include "vattn/latency_model.h"
 #include "vattn/status.h"
 
 namespace vattn::testing {

@@ -11,6 +11,7 @@
 #include "gtest/gtest.h"
 #include "tests/support/test_support.h"
 #include "vattn/backend.h"
+#include "vattn/fault_injection.h"
 
 namespace vattn {
 namespace {

@@ -5,14 +5,18 @@
 // bound on wall time flakes on a loaded machine).
 
 #include <chrono>
+#include <limits>
 #include <memory>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
 
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/support/test_support.h"
 #include "vattn/backend.h"
+#include "vattn/latency_model.h"
 
 namespace vattn {
 namespace {
@@ -101,6 +105,45 @@ TEST(LatencyCostsTest, ZeroCostsNothing) {
 TEST(LatencyModelBackendTest, NullInnerIsInvalid) {
   VATTN_EXPECT_CODE(MakeLatencyModelBackend(nullptr),
                     absl::StatusCode::kInvalidArgument);
+}
+
+// Issue 9 defect 7: NaN, infinite, negative and absurd costs were accepted,
+// then converting them to clock ticks in the spin loop was undefined.
+TEST(LatencyModelBackendTest, UnusableCostsAreInvalid) {
+  VATTN_ASSERT_OK_AND_ASSIGN(std::shared_ptr<Backend> host, MakeHostBackend());
+  struct Case {
+    double value;
+    const char* text;
+  };
+  const Case cases[] = {
+      {std::numeric_limits<double>::quiet_NaN(), "nan"},
+      {std::numeric_limits<double>::infinity(), "inf"},
+      {-std::numeric_limits<double>::infinity(), "-inf"},
+      {-1.0, "-1"},
+      {1e300, "1e+300"},
+      {kMaxCallCostMicros * 2, "2e+06"},
+  };
+  for (const Case& c : cases) {
+    for (int field = 0; field < 2; ++field) {
+      SCOPED_TRACE(::testing::Message() << c.text << " field " << field);
+      LatencyCosts costs = LatencyCosts::H200();
+      (field == 0 ? costs.unmap.base_us : costs.unmap.per_granule_us) =
+          c.value;
+      const absl::StatusOr<std::shared_ptr<Backend>> lm =
+          MakeLatencyModelBackend(host, costs);
+      ASSERT_EQ(lm.status().code(), absl::StatusCode::kInvalidArgument)
+          << testing::Describe(lm);
+      EXPECT_THAT(std::string(lm.status().message()),
+                  ::testing::HasSubstr(field == 0 ? "costs.unmap.base_us"
+                                                  : "costs.unmap.per_granule_us"));
+      EXPECT_THAT(std::string(lm.status().message()),
+                  ::testing::HasSubstr(c.text));
+    }
+  }
+  // The bounds themselves are accepted.
+  LatencyCosts edge = LatencyCosts::Zero();
+  edge.map.base_us = kMaxCallCostMicros;
+  VATTN_EXPECT_OK(MakeLatencyModelBackend(host, edge).status());
 }
 
 TEST(LatencyModelBackendTest, ZeroCostsForwardUnchanged) {
