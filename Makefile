@@ -50,6 +50,7 @@ demo: setup configure
 
 test: setup
 	$(MAKE) --no-print-directory test-main
+	$(MAKE) --no-print-directory test-python
 	$(MAKE) --no-print-directory test-tsan
 
 setup:
@@ -74,6 +75,30 @@ test-tsan: configure-tsan
 
 install: build
 	$(CMAKE) --install $(BUILD_DIR) --prefix $(PREFIX)
+
+# ---- Python package (pyproject.toml, python/, tests/python/) -----------------
+# test-python: a virtual environment in PY_VENV (git-ignored; kept between
+# runs), the pinned build and test dependencies from PyPI, `pip install .`
+# (the extension builds in PY_BUILD_DIR), then pytest. torch from PyPI is its
+# CUDA build (with the nvidia-* wheels, ~5.5 GB); it runs on CPU-only machines.
+PYTHON        ?= python3
+PY_VENV       ?= .venv
+PY_BUILD_DIR  ?= build-python
+PY_BUILD_DEPS  = scikit-build-core==1.1.2 nanobind==3.1.0
+PY_TEST_DEPS   = torch==2.15.0 transformers==5.24.0 numpy==2.4.6 pytest==9.2.0
+PIP            = $(PY_VENV)/bin/python -m pip --disable-pip-version-check
+
+.PHONY: python-venv python-install test-python
+python-venv:
+	@[ -x $(PY_VENV)/bin/python ] || $(PYTHON) -m venv $(PY_VENV)
+	$(PIP) install -q pip==25.3  # Debian's pip 23.0 has no -C (config settings).
+	$(PIP) install -q $(PY_BUILD_DEPS) $(PY_TEST_DEPS)
+
+python-install: python-venv
+	$(PIP) install -q --no-build-isolation --no-deps -Cbuild-dir=$(PY_BUILD_DIR) .
+
+test-python: python-install
+	$(PY_VENV)/bin/python -m pytest -p no:cacheprovider tests/python
 
 clean:
 	rm -rf $(BUILD_DIR) $(TSAN_BUILD_DIR)

@@ -233,21 +233,6 @@ void ParsePairs(nb::handle batch, std::vector<StepRequest>& out) {
 
 using IntArray = nb::ndarray<nb::ro, nb::ndim<1>, nb::device::cpu>;
 
-template <typename T>
-std::int64_t Element(const IntArray& a, std::size_t i) {
-  return static_cast<std::int64_t>(
-      static_cast<const T*>(a.data())[static_cast<std::int64_t>(i) * a.stride(0)]);
-}
-
-std::int64_t IntAt(const IntArray& a, std::size_t i) {
-  const nb::dlpack::dtype d = a.dtype();
-  if (d == nb::dtype<std::int64_t>()) return Element<std::int64_t>(a, i);
-  if (d == nb::dtype<std::int32_t>()) return Element<std::int32_t>(a, i);
-  if (d == nb::dtype<std::int16_t>()) return Element<std::int16_t>(a, i);
-  if (d == nb::dtype<std::uint8_t>()) return Element<std::uint8_t>(a, i);
-  return Element<std::int8_t>(a, i);
-}
-
 bool IsIntegral(const IntArray& a) {
   const nb::dlpack::dtype d = a.dtype();
   return d == nb::dtype<std::int64_t>() || d == nb::dtype<std::int32_t>() ||
@@ -255,9 +240,26 @@ bool IsIntegral(const IntArray& a) {
          d == nb::dtype<std::uint8_t>();
 }
 
-// Two 1-D CPU integer arrays (torch tensors, numpy arrays, ...) into `out`.
-void ParseArrays(nb::handle slots_obj, nb::handle tokens_obj, std::vector<StepRequest>& out) {
-  IntArray slots, tokens;
+// Reads a[0..n) (any integer dtype, any stride) through `put(i, value)`.
+template <typename Put>
+void ForEachInt(const IntArray& a, std::size_t n, Put&& put) {
+  const std::int64_t stride = a.stride(0);
+  auto loop = [&](auto* data) {
+    for (std::size_t i = 0; i < n; ++i) {
+      put(i, static_cast<std::int64_t>(data[static_cast<std::int64_t>(i) * stride]));
+    }
+  };
+  const nb::dlpack::dtype d = a.dtype();
+  if (d == nb::dtype<std::int64_t>()) return loop(static_cast<const std::int64_t*>(a.data()));
+  if (d == nb::dtype<std::int32_t>()) return loop(static_cast<const std::int32_t*>(a.data()));
+  if (d == nb::dtype<std::int16_t>()) return loop(static_cast<const std::int16_t*>(a.data()));
+  if (d == nb::dtype<std::uint8_t>()) return loop(static_cast<const std::uint8_t*>(a.data()));
+  loop(static_cast<const std::int8_t*>(a.data()));
+}
+
+// Two 1-D CPU integer arrays of one length, or TypeError / InvalidArgument.
+void ImportArrays(nb::handle slots_obj, nb::handle tokens_obj, IntArray& slots,
+                  IntArray& tokens) {
   if (!nb::try_cast(slots_obj, slots) || !nb::try_cast(tokens_obj, tokens) ||
       !IsIntegral(slots) || !IsIntegral(tokens)) {
     throw nb::type_error(
@@ -269,13 +271,25 @@ void ParseArrays(nb::handle slots_obj, nb::handle tokens_obj, std::vector<StepRe
           absl::StrCat("step(slots, tokens): ", slots.shape(0), " slots but ",
                        tokens.shape(0), " token counts"));
   }
+}
+
+// The arrays' current contents into `out`.
+void ReadArrays(const IntArray& slots, const IntArray& tokens, std::vector<StepRequest>& out) {
   const std::size_t n = slots.shape(0);
   out.resize(n);
-  for (std::size_t i = 0; i < n; ++i) {
-    out[i].slot = ToSlot(IntAt(slots, i), i);
-    out[i].tokens = IntAt(tokens, i);
-  }
+  ForEachInt(slots, n, [&](std::size_t i, std::int64_t v) { out[i].slot = ToSlot(v, i); });
+  ForEachInt(tokens, n, [&](std::size_t i, std::int64_t v) { out[i].tokens = v; });
 }
+
+// A batch made once from two CPU integer arrays and read again at every
+// step: the serving loop updates the arrays in place (tokens += 1) and pays
+// no DLPack import per step. Holds the arrays' memory (their DLPack owners)
+// for its lifetime; an array resized or re-pointed afterwards is not
+// followed (its old memory stays alive and is what the batch reads).
+struct PyStepBatch {
+  IntArray slots;
+  IntArray tokens;
+};
 
 // ---- Options -----------------------------------------------------------------
 
@@ -353,6 +367,23 @@ void BindCache(nb::module_& m) {
       .def("__repr__", [](const StepResult& r) {
         return absl::StrCat("StepResult(misses=", r.misses, ", map_nanos=", r.map_nanos, ")");
       });
+
+  nb::class_<PyStepBatch>(
+      m, "StepBatch",
+      "StepBatch(slots, tokens): two 1-D CPU integer arrays (torch tensors, "
+      "numpy arrays) imported once; cache.step(batch) reads their current "
+      "contents, so a decode loop updates them in place and pays no per-step "
+      "conversion. Keeps the arrays' memory alive; resizing an array "
+      "afterwards is not followed.")
+      .def(
+          "__init__",
+          [](PyStepBatch* self, nb::handle slots, nb::handle tokens) {
+            IntArray s, t;
+            ImportArrays(slots, tokens, s, t);
+            new (self) PyStepBatch{std::move(s), std::move(t)};
+          },
+          nb::arg("slots"), nb::arg("tokens"))
+      .def("__len__", [](const PyStepBatch& b) { return b.slots.shape(0); });
 
   nb::class_<SlotInfo>(m, "SlotInfo", "A snapshot of one slot.")
       .def_ro("active", &SlotInfo::active)
@@ -496,10 +527,16 @@ void BindCache(nb::module_& m) {
           [](PyCache& self, nb::handle batch, nb::handle tokens) {
             KVCache& c = self.Get();
             thread_local std::vector<StepRequest> requests;
-            if (tokens.is_none()) {
-              ParsePairs(batch, requests);
+            PyStepBatch* prepared = nullptr;
+            if (!tokens.is_none()) {
+              IntArray s, t;
+              ImportArrays(batch, tokens, s, t);
+              ReadArrays(s, t, requests);
+            } else if (!PyList_Check(batch.ptr()) && !PyTuple_Check(batch.ptr()) &&
+                       nb::try_cast(batch, prepared) && prepared != nullptr) {
+              ReadArrays(prepared->slots, prepared->tokens, requests);
             } else {
-              ParseArrays(batch, tokens, requests);
+              ParsePairs(batch, requests);
             }
             absl::StatusOr<StepResult> r;
             {
@@ -509,8 +546,8 @@ void BindCache(nb::module_& m) {
             return ValueOrRaise(std::move(r));
           },
           nb::arg("batch"), nb::arg("tokens").none() = nb::none(),
-          "step([(slot, tokens), ...]) or step(slots, tokens) with two 1-D CPU "
-          "integer arrays: every slot is backed to, and has its length set "
+          "step([(slot, tokens), ...]), step(slots, tokens) with two 1-D CPU "
+          "integer arrays, or step(StepBatch): every slot is backed to, and has its length set "
           "to, its tokens. Errors as grow's, for the first failing request "
           "(requests before it stay grown). Returns StepResult.")
       .def("k", [](const PyCache& self, int layer, nb::handle slot) {
@@ -547,6 +584,38 @@ void BindCache(nb::module_& m) {
             return ValueOrRaise(std::move(info));
           },
           nb::arg("slot"), "SlotInfo of a slot. InvalidArgumentError: bad slot.")
+      .def(
+          "slot_ranges",
+          [](const PyCache& self, int slot, std::int64_t tokens) {
+            KVCache& c = self.Get();
+            absl::StatusOr<std::vector<MemoryRange>> ranges;
+            {
+              nb::gil_scoped_release release;
+              ranges = c.SlotRanges(slot, tokens);
+            }
+            nb::list out;
+            for (const MemoryRange& r : ValueOrRaise(std::move(ranges))) {
+              out.append(nb::make_tuple(static_cast<std::uint64_t>(r.address), r.bytes));
+            }
+            return out;
+          },
+          nb::arg("slot"), nb::arg("tokens"),
+          "[(address, bytes), ...]: the virtual ranges holding tokens [0, tokens) "
+          "of the slot, for a transfer engine (KVCache::SlotRanges): one range "
+          "in token-major, 2 x num_layers in layer-major (K of layer 0, V of "
+          "layer 0, K of layer 1, ...); [] for tokens == 0. Addresses never "
+          "move for the cache's life. InvalidArgumentError: bad slot or "
+          "tokens < 0; FailedPreconditionError: slot not active; "
+          "OutOfRangeError: tokens above the slot's backed tokens.")
+      .def(
+          "reservation",
+          [](const PyCache& self) {
+            const MemoryRange r = self.Get().Reservation();
+            return nb::make_tuple(static_cast<std::uint64_t>(r.address), r.bytes);
+          },
+          "(address, bytes) of the cache's whole virtual reservation; it never "
+          "moves for the cache's life (KVCache::Reservation). Register it once "
+          "with a transport that needs no pinned pages (see README, Scale-out).")
       .def("wait_for_background_idle",
            [](PyCache& self) {
              KVCache& c = self.Get();

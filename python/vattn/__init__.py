@@ -37,6 +37,7 @@ from vattn._vattn import (  # noqa: F401
     PermissionDeniedError,
     ResourceExhaustedError,
     SlotInfo,
+    StepBatch,
     StepResult,
     TensorView,
     UnauthenticatedError,

@@ -143,6 +143,22 @@ def test_step_accepts_pairs_and_tensors(host_backend):
     assert [cache.slot_info(s).length for s in slots] == [50, 51, 52]
     assert cache.stats().step_calls == 6
     cache.step([])  # An empty batch is a no-op step.
+    # A StepBatch reads its tensors' current contents at every step.
+    slot_t = torch.tensor(slots)
+    tokens_t = torch.tensor([60, 61, 62], dtype=torch.int32)
+    batch = vattn.StepBatch(slot_t, tokens_t)
+    assert len(batch) == 3
+    cache.step(batch)
+    assert [cache.slot_info(s).length for s in slots] == [60, 61, 62]
+    tokens_t += 5
+    cache.step(batch)
+    assert [cache.slot_info(s).length for s in slots] == [65, 66, 67]
+    del slot_t, tokens_t  # The batch keeps the memory.
+    cache.step(batch)
+    with pytest.raises(TypeError):
+        vattn.StepBatch(torch.tensor([0.5]), torch.tensor([1]))
+    with pytest.raises(vattn.InvalidArgumentError):
+        vattn.StepBatch(torch.tensor([0, 1]), torch.tensor([1]))
 
 
 def test_map_ahead_and_wait(host_backend):
