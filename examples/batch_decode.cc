@@ -9,15 +9,20 @@
 //
 // With no flags it picks the best backend (CUDA device 0 when built with
 // the CUDA kernels and a device is present, else the Host backend on the
-// CPU) and a workload that suits it, and says which. --compare-paged runs
-// the same requests again on a paged baseline (the same kernel reading K/V
-// through a 16-token block table) and prints both rows and their ratio.
+// CPU) and a workload that suits it, and says which. It runs the same
+// requests on vattn and on a paged baseline (the same kernel reading K/V
+// through a 16-token block table), both under the same memory budget, in
+// alternating order over --repeats runs, and prints every run, the spread
+// of the ratios and where the memory was: in use (backing active
+// requests), reclaimable (vattn memory still mapped that no request relies
+// on) and pooled (vattn's idle handles; paged's free blocks).
 //
 //   batch_decode [--backend=auto|cuda|host] [--model=NAME] [--layers=N]
 //     [--kv_heads=N] [--q_heads=N] [--head_dim=N] [--dtype=fp16|bf16|fp32]
 //     [--max_slots=N] [--max_tokens=N] [--layout=token-major|layer-major]
 //     [--requests=N] [--prompt=MIN:MAX] [--output=MIN:MAX] [--trace=CSV]
-//     [--seed=N] [--map_ahead_tokens=N | --no-map-ahead] [--compare-paged]
+//     [--seed=N] [--map_ahead_tokens=N | --no-map-ahead]
+//     [--max_extent_tokens=N] [--budget_mib=N] [--repeats=N] [--vattn-only]
 //     [--check[=SAMPLES]] [--threads=N] [--json=FILE] [--no-progress]
 
 #include <unistd.h>
@@ -58,9 +63,17 @@ constexpr const char* kUsage = R"(usage: batch_decode [flags]
   --prompt=MIN:MAX --output=MIN:MAX   uniform prompt / output lengths
   --trace=FILE               CSV rows arrival_step,prompt_tokens,output_tokens
   --seed=N
-  --map_ahead_tokens=N       vattn's map-ahead look-ahead (default 256)
+  --map_ahead_tokens=N       vattn's map-ahead look-ahead (default: 256 on a
+                             GPU, 8 on the CPU)
   --no-map-ahead             map on the caller's thread (for comparison)
-  --compare-paged            also run the paged baseline on the same requests
+  --max_extent_tokens=N      vattn's decode-extent cap (default: the library's
+                             64 on a GPU, 32 on the CPU)
+  --budget_mib=N             memory both engines may use (default: 1.25x the
+                             plan's peak in 16-token blocks)
+  --repeats=N                runs per engine, in alternating order (default
+                             3 on the CPU, 1 on a GPU)
+  --vattn-only               run vattn alone (no paged baseline)
+  --compare-paged            run the paged baseline too (the default)
   --check[=N]                check N attention outputs (default 16) against
                              a float64 reference during the run
   --threads=N                CPU attention threads (default: every core)
@@ -80,8 +93,11 @@ struct Flags {
   std::optional<std::pair<std::int64_t, std::int64_t>> prompt, output;
   std::optional<std::string> trace;
   std::uint32_t seed = 1;
-  std::int64_t map_ahead_tokens = 256;
-  bool compare_paged = false;
+  std::optional<std::int64_t> map_ahead_tokens;
+  std::optional<std::int64_t> max_extent_tokens;
+  std::optional<std::int64_t> budget_mib;
+  std::optional<int> repeats;
+  bool compare_paged = true;
   int check = 0;
   int threads = 0;
   std::optional<std::string> json;
@@ -118,6 +134,7 @@ std::string ParseFlags(int argc, char** argv, Flags* f) {
     std::replace(key.begin(), key.end(), '-', '_');
     // Flags without a value.
     if (key == "compare_paged") { f->compare_paged = true; continue; }
+    if (key == "vattn_only") { f->compare_paged = false; continue; }
     if (key == "no_map_ahead") { f->map_ahead_tokens = 0; continue; }
     if (key == "no_progress") { f->progress = false; continue; }
     if (key == "check" && !has_value) { f->check = 16; continue; }
@@ -170,7 +187,13 @@ std::string ParseFlags(int argc, char** argv, Flags* f) {
       f->output = r;
     } else if (key == "trace") { f->trace = value;
     } else if (key == "seed") { ok = to_int(&f->seed);
-    } else if (key == "map_ahead_tokens") { ok = to_int(&f->map_ahead_tokens);
+    } else if (key == "map_ahead_tokens") {
+      std::int64_t x = 0;
+      ok = to_int(&x);
+      f->map_ahead_tokens = x;
+    } else if (key == "max_extent_tokens") { ok = to_opt_int(&f->max_extent_tokens);
+    } else if (key == "budget_mib") { ok = to_opt_int(&f->budget_mib);
+    } else if (key == "repeats") { ok = to_opt_int(&f->repeats);
     } else if (key == "check") { ok = to_int(&f->check);
     } else if (key == "threads") { ok = to_int(&f->threads);
     } else if (key == "json") { f->json = value;
@@ -229,40 +252,133 @@ class ProgressBar {
 
 // ---- Output --------------------------------------------------------------------
 
-void PrintTable(const std::vector<RunResult>& rows) {
-  fmt::print("\n{:<7} {:>10} {:>12} {:>10} {:>11} {:>10} {:>7} {:>12} {:>7} {:>8} {:>11} {:>11}\n",
-             "engine", "tokens/s", "step (ms)", "attn (ms)", "alloc (us)", "alloc %",
-             "Step p99", "Step max", "misses", "drv calls", "peak phys", "peak logic");
-  fmt::print("{:-<128}\n", "");
-  for (const RunResult& r : rows) {
-    fmt::print("{:<7} {:>10.1f} {:>12.3f} {:>10.3f} {:>11.1f} {:>9.3f}% {:>6.1f}us {:>10.1f}us {:>7} {:>8} {:>11} {:>11}\n",
-               vdecode::EngineName(r.engine), r.tokens_per_s, r.step_us / 1e3,
-               r.attention_us / 1e3, r.alloc_us, 100 * r.alloc_share,
-               r.step_call_p99_us, r.step_call_max_us, r.misses, r.driver_calls,
-               HumanBytes(static_cast<double>(r.peak_physical_bytes)),
-               HumanBytes(static_cast<double>(r.peak_logical_bytes)));
+std::string Mib(std::int64_t b) {
+  return fmt::format("{:.1f}", static_cast<double>(b) / (1 << 20));
+}
+
+double Median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 == 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+// A median and the range over the repeats.
+struct Spread {
+  double median = 0, min = 0, max = 0;
+  std::string ToString() const {
+    return fmt::format("{:.3f} ({:.3f}..{:.3f})", median, min, max);
   }
-  for (const RunResult& r : rows) {
-    fmt::print("  {}: {} on {}, layout {}; {} requests, {} steps, {} tokens generated, "
-               "{} prefilled; K/V writes {:.3f} ms/step\n",
-               vdecode::EngineName(r.engine), r.backend, r.device, r.layout, r.requests,
-               r.steps, r.generated_tokens, r.prefill_tokens, r.fill_us / 1e3);
-    if (!r.checks.empty()) {
-      fmt::print("  {}: {} attention outputs checked against float64: max relative "
-                 "error {:.2e} (tolerance {:.0e})\n",
-                 vdecode::EngineName(r.engine), r.checks.size(), r.max_rel_error, r.tolerance);
+};
+Spread SpreadOf(const std::vector<double>& v) {
+  Spread s;
+  if (v.empty()) return s;
+  s.median = Median(v);
+  s.min = *std::min_element(v.begin(), v.end());
+  s.max = *std::max_element(v.begin(), v.end());
+  return s;
+}
+
+// One engine's runs (index = repeat) and where each ran in its repeat.
+struct EngineRuns {
+  Engine engine = Engine::kVattn;
+  std::vector<RunResult> runs;
+  std::vector<int> order;  // 1: ran first in its repeat, 2: second.
+};
+
+// vattn over paged: ratios per repeat (each vattn run over the paged run of
+// the same repeat), their median and range; memory peaks of the first runs
+// (the schedule is the same in every run).
+struct Summary {
+  Spread tokens_per_s, attention, step;
+  double in_use = 0, in_use_with_next = 0;
+};
+
+double Ratio(double a, double b) { return b > 0 ? a / b : 0.0; }
+
+Summary Summarize(const EngineRuns& v, const EngineRuns& p) {
+  std::vector<double> tps, att, step;
+  for (std::size_t i = 0; i < v.runs.size() && i < p.runs.size(); ++i) {
+    tps.push_back(Ratio(v.runs[i].tokens_per_s, p.runs[i].tokens_per_s));
+    att.push_back(Ratio(v.runs[i].attention_us, p.runs[i].attention_us));
+    step.push_back(Ratio(v.runs[i].step_us, p.runs[i].step_us));
+  }
+  Summary s;
+  s.tokens_per_s = SpreadOf(tps);
+  s.attention = SpreadOf(att);
+  s.step = SpreadOf(step);
+  std::int64_t vi = 0, vn = 0, pi = 0, pn = 0;
+  for (const RunResult& r : v.runs) {
+    vi = std::max(vi, r.peak_in_use_bytes);
+    vn = std::max(vn, r.peak_in_use_overlap_bytes);
+  }
+  for (const RunResult& r : p.runs) {
+    pi = std::max(pi, r.peak_in_use_bytes);
+    pn = std::max(pn, r.peak_in_use_overlap_bytes);
+  }
+  s.in_use = Ratio(static_cast<double>(vi), static_cast<double>(pi));
+  s.in_use_with_next = Ratio(static_cast<double>(vn), static_cast<double>(pn));
+  return s;
+}
+
+void PrintTable(const std::vector<EngineRuns>& engines) {
+  constexpr const char* kHead =
+      "{:<6} {:>3} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>6} {:>5} {:>7} {:>7} {:>7} {:>7} "
+      "{:>8} {:>7}\n";
+  fmt::print("\n");
+  fmt::print(fmt::runtime(kHead), "engine", "run", "tokens/s", "step ms", "attn ms", "alloc us",
+             "Step p99", "Step max", "misses", "calls", "in use", "+next", "reclaim", "pooled",
+             "physical", "logical");
+  fmt::print(fmt::runtime(kHead), "", "", "", "", "", "per step", "us", "us", "", "", "MiB",
+             "MiB", "MiB", "MiB", "MiB", "MiB");
+  fmt::print("{:-<128}\n", "");
+  for (const EngineRuns& e : engines) {
+    for (std::size_t i = 0; i < e.runs.size(); ++i) {
+      const RunResult& r = e.runs[i];
+      fmt::print("{:<6} {:>3} {:>8.1f} {:>9.3f} {:>9.3f} {:>8.1f} {:>8.1f} {:>8.1f} {:>6} {:>5} "
+                 "{:>7} {:>7} {:>7} {:>7} {:>8} {:>7}\n",
+                 vdecode::EngineName(r.engine),
+                 fmt::format("{}{}", i + 1, e.order[i] == 1 ? "a" : "b"), r.tokens_per_s,
+                 r.step_us / 1e3, r.attention_us / 1e3, r.alloc_us, r.step_call_p99_us,
+                 r.step_call_max_us, r.misses, r.driver_calls, Mib(r.peak_in_use_bytes),
+                 Mib(r.peak_in_use_overlap_bytes), Mib(r.peak_reclaimable_bytes),
+                 Mib(r.peak_pooled_bytes), Mib(r.peak_physical_bytes),
+                 Mib(r.peak_logical_bytes));
     }
   }
-  if (rows.size() == 2) {
-    const RunResult& v = rows[0];
-    const RunResult& p = rows[1];
-    auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };
-    fmt::print("  vattn / paged: tokens/s x{:.3f}, attention time x{:.3f}, step time x{:.3f}, "
-               "peak physical x{:.3f}\n",
-               ratio(v.tokens_per_s, p.tokens_per_s), ratio(v.attention_us, p.attention_us),
-               ratio(v.step_us, p.step_us),
-               ratio(static_cast<double>(v.peak_physical_bytes),
-                     static_cast<double>(p.peak_physical_bytes)));
+  fmt::print(
+      "  run: the repeat; a = ran first in it, b = second. Memory columns are peaks. in use:\n"
+      "  backing the step's batch (vattn: its requests' extents, look-ahead included; paged:\n"
+      "  their blocks). +next: also while the next step's requests hold their slots (vattn\n"
+      "  maps their prompts ahead, during this step). reclaim: vattn memory still mapped that\n"
+      "  no request relies on (idle slots, surplus); any Grow takes it back. pooled: vattn's\n"
+      "  idle handles, paged's free blocks. physical: everything (paged allocates its pool,\n"
+      "  the whole budget, up front).\n");
+  for (const EngineRuns& e : engines) {
+    const RunResult& r = e.runs.front();
+    fmt::print("  {}: {} on {}, layout {}; {} requests, {} steps, {} tokens generated, "
+               "{} prefilled; K/V writes {:.3f} ms/step{}\n",
+               vdecode::EngineName(r.engine), r.backend, r.device, r.layout, r.requests,
+               r.steps, r.generated_tokens, r.prefill_tokens, r.fill_us / 1e3,
+               r.budget_bytes > 0 ? fmt::format("; budget {} MiB", Mib(r.budget_bytes))
+                                  : std::string());
+    for (const RunResult& x : e.runs) {
+      if (x.checks.empty()) continue;
+      fmt::print("  {}: {} attention outputs checked against float64: max relative "
+                 "error {:.2e} (tolerance {:.0e})\n",
+                 vdecode::EngineName(x.engine), x.checks.size(), x.max_rel_error, x.tolerance);
+      break;
+    }
+  }
+  if (engines.size() == 2) {
+    const Summary s = Summarize(engines[0], engines[1]);
+    fmt::print("  vattn / paged over {} repeat(s), median (min..max): tokens/s x{}, "
+               "attention time x{}, step time x{}\n",
+               engines[0].runs.size(), s.tokens_per_s.ToString(), s.attention.ToString(),
+               s.step.ToString());
+    fmt::print("  vattn / paged peak memory in use x{:.3f} (x{:.3f} with the next step's "
+               "prompts mapped ahead), same budget\n",
+               s.in_use, s.in_use_with_next);
   }
 }
 
@@ -276,38 +392,53 @@ std::string JsonEscape(const std::string& s) {
   return o;
 }
 
-std::string ToJson(const vdecode::DecodeConfig& c, const std::vector<RunResult>& rows) {
+std::string ToJson(const vdecode::DecodeConfig& c, const std::vector<EngineRuns>& engines) {
   std::ostringstream j;
   j << fmt::format(
       "{{\n  \"model\": {{\"name\": \"{}\", \"layers\": {}, \"kv_heads\": {}, \"q_heads\": {}, "
       "\"head_dim\": {}, \"dtype\": \"{}\"}},\n  \"max_slots\": {}, \"max_tokens\": {}, "
-      "\"map_ahead_tokens\": {},\n  \"runs\": [",
+      "\"map_ahead_tokens\": {}, \"max_extent_tokens\": {}, \"budget_bytes\": {},\n"
+      "  \"runs\": [",
       JsonEscape(c.shape.name), c.shape.layers, c.shape.kv_heads, c.shape.q_heads,
       c.shape.head_dim, vdecode::DTypeName(c.shape.dtype), c.max_slots, c.max_tokens,
-      c.map_ahead_tokens);
-  for (std::size_t i = 0; i < rows.size(); ++i) {
-    const RunResult& r = rows[i];
-    j << fmt::format(
-        "{}\n    {{\"engine\": \"{}\", \"device\": \"{}\", \"backend\": \"{}\", \"layout\": \"{}\", "
-        "\"requests\": {}, \"steps\": {}, \"generated_tokens\": {}, \"prefill_tokens\": {}, "
-        "\"max_batch\": {}, \"wall_s\": {:.6f}, \"tokens_per_s\": {:.3f}, \"step_us\": {:.3f}, "
-        "\"attention_us_per_step\": {:.3f}, \"fill_us_per_step\": {:.3f}, "
-        "\"alloc_us_per_step\": {:.3f}, \"alloc_share\": {:.6f}, \"step_call_p50_us\": {:.3f}, "
-        "\"step_call_p99_us\": {:.3f}, \"step_call_max_us\": {:.3f}, \"misses\": {}, "
-        "\"driver_calls\": {}, \"peak_physical_bytes\": {}, \"peak_logical_bytes\": {}, "
-        "\"checks\": {}, \"max_rel_error\": {:.3e}, \"tolerance\": {:.1e}}}",
-        i == 0 ? "" : ",", vdecode::EngineName(r.engine), JsonEscape(r.device),
-        JsonEscape(r.backend), JsonEscape(r.layout), r.requests, r.steps, r.generated_tokens,
-        r.prefill_tokens, r.max_batch, r.wall_s, r.tokens_per_s, r.step_us, r.attention_us,
-        r.fill_us, r.alloc_us, r.alloc_share, r.step_call_p50_us, r.step_call_p99_us,
-        r.step_call_max_us, r.misses, r.driver_calls, r.peak_physical_bytes,
-        r.peak_logical_bytes, r.checks.size(), r.max_rel_error, r.tolerance);
+      c.map_ahead_tokens, c.max_extent_tokens, c.budget_bytes);
+  bool first = true;
+  for (const EngineRuns& e : engines) {
+    for (std::size_t i = 0; i < e.runs.size(); ++i) {
+      const RunResult& r = e.runs[i];
+      j << fmt::format(
+          "{}\n    {{\"engine\": \"{}\", \"repeat\": {}, \"ran_first\": {}, \"device\": \"{}\", "
+          "\"backend\": \"{}\", \"layout\": \"{}\", "
+          "\"requests\": {}, \"steps\": {}, \"generated_tokens\": {}, \"prefill_tokens\": {}, "
+          "\"max_batch\": {}, \"wall_s\": {:.6f}, \"tokens_per_s\": {:.3f}, \"step_us\": {:.3f}, "
+          "\"attention_us_per_step\": {:.3f}, \"fill_us_per_step\": {:.3f}, "
+          "\"alloc_us_per_step\": {:.3f}, \"alloc_share\": {:.6f}, \"step_call_p50_us\": {:.3f}, "
+          "\"step_call_p99_us\": {:.3f}, \"step_call_max_us\": {:.3f}, \"misses\": {}, "
+          "\"driver_calls\": {}, \"peak_physical_bytes\": {}, \"peak_logical_bytes\": {}, "
+          "\"peak_in_use_bytes\": {}, \"peak_in_use_with_next_bytes\": {}, "
+          "\"peak_reclaimable_bytes\": {}, \"peak_pooled_bytes\": {}, \"budget_bytes\": {}, "
+          "\"checks\": {}, \"max_rel_error\": {:.3e}, \"tolerance\": {:.1e}}}",
+          first ? "" : ",", vdecode::EngineName(r.engine), i + 1,
+          e.order[i] == 1 ? "true" : "false", JsonEscape(r.device), JsonEscape(r.backend),
+          JsonEscape(r.layout), r.requests, r.steps, r.generated_tokens, r.prefill_tokens,
+          r.max_batch, r.wall_s, r.tokens_per_s, r.step_us, r.attention_us, r.fill_us,
+          r.alloc_us, r.alloc_share, r.step_call_p50_us, r.step_call_p99_us,
+          r.step_call_max_us, r.misses, r.driver_calls, r.peak_physical_bytes,
+          r.peak_logical_bytes, r.peak_in_use_bytes, r.peak_in_use_overlap_bytes,
+          r.peak_reclaimable_bytes, r.peak_pooled_bytes, r.budget_bytes, r.checks.size(),
+          r.max_rel_error, r.tolerance);
+      first = false;
+    }
   }
   j << "\n  ]";
-  if (rows.size() == 2 && rows[1].tokens_per_s > 0 && rows[1].attention_us > 0) {
-    j << fmt::format(",\n  \"vattn_over_paged\": {{\"tokens_per_s\": {:.4f}, \"attention_time\": {:.4f}}}",
-                     rows[0].tokens_per_s / rows[1].tokens_per_s,
-                     rows[0].attention_us / rows[1].attention_us);
+  if (engines.size() == 2) {
+    const Summary s = Summarize(engines[0], engines[1]);
+    j << fmt::format(
+        ",\n  \"vattn_over_paged\": {{\"tokens_per_s\": {{\"median\": {:.4f}, \"min\": {:.4f}, "
+        "\"max\": {:.4f}}}, \"attention_time\": {{\"median\": {:.4f}, \"min\": {:.4f}, "
+        "\"max\": {:.4f}}}, \"peak_in_use\": {:.4f}, \"peak_in_use_with_next\": {:.4f}}}",
+        s.tokens_per_s.median, s.tokens_per_s.min, s.tokens_per_s.max, s.attention.median,
+        s.attention.min, s.attention.max, s.in_use, s.in_use_with_next);
   }
   j << "\n}\n";
   return j.str();
@@ -385,7 +516,16 @@ int main(int argc, char** argv) {
   c.layout = f.layout;
   c.max_slots = f.max_slots.value_or(gpu ? 64 : 8);
   c.max_tokens = f.max_tokens.value_or(gpu ? 8192 : 2048);
-  c.map_ahead_tokens = f.map_ahead_tokens;
+  // On the CPU (Host backend) a map is one mmap call of a few microseconds
+  // against steps of tens of milliseconds: a short look-ahead (8 tokens:
+  // the next extent is mapped a few steps before it is needed) and
+  // one-granule decode extents (32 tokens of Yi-6B) cost nothing there and
+  // keep the memory in use close to what the requests hold (look-ahead 32:
+  // 1.19x paged's peak in use; 8: 1.08x; docs/BENCHMARKS.md). A GPU's
+  // driver calls cost 30-50 us each: the library's 64-token extents and a
+  // long look-ahead.
+  c.map_ahead_tokens = f.map_ahead_tokens.value_or(gpu ? 256 : 8);
+  c.max_extent_tokens = f.max_extent_tokens.value_or(gpu ? 0 : 32);
   c.threads = f.threads;
   c.check_samples = f.check;
   c.seed = f.seed;
@@ -425,28 +565,48 @@ int main(int argc, char** argv) {
              prompt_sum, output_sum, longest, c.max_slots, c.max_tokens,
              vattn::LayoutName(c.layout),
              c.map_ahead_tokens > 0 ? fmt::format("{} tokens", c.map_ahead_tokens) : "off");
+  // Both engines get the same memory: the paged pool is that many bytes of
+  // blocks, vattn's memory_budget_bytes is that.
+  c.budget_bytes = f.budget_mib ? *f.budget_mib << 20
+                                : vdecode::DefaultBudgetBytes(requests, c.max_slots, c.shape);
+  fmt::print("memory       budget {} MiB for each engine{}; vattn decode extents up to {} "
+             "tokens\n",
+             Mib(c.budget_bytes), f.budget_mib ? "" : " (1.25x the plan's peak in 16-token blocks)",
+             c.max_extent_tokens > 0 ? c.max_extent_tokens : vattn::KVCacheOptions().max_extent_tokens);
   if (!f.model && !f.requests && !f.trace) {
     fmt::print("             (the default {} workload; flags change it, --help lists them)\n",
                gpu ? "GPU" : "CPU");
   }
 
-  std::vector<Engine> engines = {Engine::kVattn};
-  if (f.compare_paged) engines.push_back(Engine::kPaged);
-  std::vector<RunResult> results;
-  for (Engine e : engines) {
-    ProgressBar bar(f.progress);
-    c.engine = e;
-    c.progress = [&bar](const vdecode::ProgressInfo& p) { bar.Update(p); };
-    absl::StatusOr<RunResult> r = vdecode::RunDecode(c, requests);
-    if (!r.ok()) {
-      return Fail(fmt::format("{} run failed: {}", vdecode::EngineName(e), r.status().ToString()));
+  std::vector<EngineRuns> engines(f.compare_paged ? 2 : 1);
+  engines[0].engine = Engine::kVattn;
+  if (f.compare_paged) engines[1].engine = Engine::kPaged;
+  const int repeats = f.repeats.value_or(gpu ? 1 : 3);
+  for (int rep = 0; rep < repeats; ++rep) {
+    // Alternating order: neither engine always runs on a warm (or a
+    // throttled) machine.
+    std::vector<std::size_t> order = {0};
+    if (engines.size() == 2) {
+      order = rep % 2 == 0 ? std::vector<std::size_t>{0, 1} : std::vector<std::size_t>{1, 0};
     }
-    results.push_back(*std::move(r));
+    for (std::size_t k = 0; k < order.size(); ++k) {
+      EngineRuns& e = engines[order[k]];
+      ProgressBar bar(f.progress);
+      c.engine = e.engine;
+      c.progress = [&bar](const vdecode::ProgressInfo& p) { bar.Update(p); };
+      absl::StatusOr<RunResult> r = vdecode::RunDecode(c, requests);
+      if (!r.ok()) {
+        return Fail(fmt::format("{} run failed: {}", vdecode::EngineName(e.engine),
+                                r.status().ToString()));
+      }
+      e.runs.push_back(*std::move(r));
+      e.order.push_back(k == 0 ? 1 : 2);
+    }
   }
-  PrintTable(results);
+  PrintTable(engines);
   if (f.json) {
     std::ofstream out(*f.json);
-    out << ToJson(c, results);
+    out << ToJson(c, engines);
     if (!out) return Fail(fmt::format("cannot write --json file {}", *f.json));
     fmt::print("  summary written to {}\n", *f.json);
   }

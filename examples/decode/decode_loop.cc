@@ -152,6 +152,22 @@ std::int64_t PeakBlocks(const std::vector<Request>& requests,
   return peak;
 }
 
+std::int64_t DefaultBudgetBytes(const std::vector<Request>& requests,
+                                int max_slots, const ModelShape& shape,
+                                double headroom) {
+  constexpr std::int64_t kGranule = std::int64_t{2} << 20;
+  const std::int64_t peak =
+      PeakBlocks(requests, PlanSteps(requests, max_slots), 16) * 16 *
+      shape.BytesPerToken();
+  const double want = headroom * static_cast<double>(peak);
+  const std::int64_t granules = static_cast<std::int64_t>(
+      std::ceil(want / static_cast<double>(kGranule)));
+  // A vattn slot holding a request holds at least one granule, and the loop
+  // holds up to max_slots + max_slots / 4 + 1 of them (see DecodeConfig).
+  const std::int64_t rows = max_slots + max_slots / 4 + 1;
+  return std::max(granules, rows) * kGranule;
+}
+
 const char* EngineName(Engine engine) {
   return engine == Engine::kVattn ? "vattn" : "paged";
 }
@@ -221,6 +237,13 @@ class KvStore {
   virtual const std::int32_t* host_table() const { return nullptr; }
   virtual std::int64_t physical_bytes() const = 0;
   virtual std::int64_t peak_physical_bytes() const = 0;
+  // Where the memory is now (RunResult's in use / reclaimable / pooled).
+  struct MemoryUse {
+    std::int64_t in_use = 0;
+    std::int64_t reclaimable = 0;
+    std::int64_t pooled = 0;
+  };
+  virtual MemoryUse Memory() const = 0;
   virtual std::int64_t driver_calls() const = 0;
   virtual std::string name() const = 0;
 };
@@ -241,10 +264,24 @@ class VattnStore final : public KvStore {
     o.max_tokens = c.max_tokens;
     o.layout = c.layout;
     o.map_ahead_tokens = c.map_ahead_tokens;
-    const int low = c.pool_low_water >= 0 ? c.pool_low_water
-                                          : std::max(2, c.max_slots / 16);
-    const int high = c.pool_high_water >= 0 ? c.pool_high_water
-                                            : std::max(4, c.max_slots / 4);
+    o.memory_budget_bytes = static_cast<std::size_t>(c.budget_bytes);
+    if (c.max_extent_tokens > 0) o.max_extent_tokens = c.max_extent_tokens;
+    int low = c.pool_low_water >= 0 ? c.pool_low_water
+                                    : std::max(2, c.max_slots / 16);
+    int high = c.pool_high_water >= 0 ? c.pool_high_water
+                                      : std::max(4, c.max_slots / 4);
+    if (c.budget_bytes > 0 && c.pool_high_water < 0) {
+      // The marks follow the budget: handles of the decode-extent size the
+      // cache refills with, at most 1/16 of the budget idle.
+      constexpr std::int64_t kGranule = std::int64_t{2} << 20;
+      const int regions =
+          c.layout == vattn::Layout::kTokenMajor ? 1 : 2 * c.shape.layers;
+      const std::int64_t per_region = c.shape.BytesPerToken() / regions;
+      const std::int64_t handle = std::max(
+          kGranule, o.max_extent_tokens * per_region / kGranule * kGranule);
+      high = std::min<std::int64_t>(high, c.budget_bytes / 16 / handle);
+      low = std::min(low, high);
+    }
     o.pool_low_water = c.map_ahead_tokens > 0 ? low : 0;
     o.pool_high_water = c.map_ahead_tokens > 0 ? std::max(low, high) : 0;
     VATTN_ASSIGN_OR_RETURN(std::unique_ptr<vattn::KVCache> cache,
@@ -279,6 +316,22 @@ class VattnStore final : public KvStore {
   }
   std::int64_t peak_physical_bytes() const override {
     return cache_->Stats().peak_physical_bytes;
+  }
+  MemoryUse Memory() const override {
+    MemoryUse m;
+    const int slots = cache_->options().max_slots;
+    for (int i = 0; i < slots; ++i) {
+      const absl::StatusOr<vattn::SlotInfo> info = cache_->GetSlot(i);
+      if (!info.ok()) continue;
+      if (info->active) {
+        m.in_use += info->adopted_bytes;
+        m.reclaimable += info->mapped_bytes - info->adopted_bytes;
+      } else {
+        m.reclaimable += info->mapped_bytes;
+      }
+    }
+    m.pooled = cache_->Stats().pooled_bytes;
+    return m;
   }
   std::int64_t driver_calls() const override {
     const vattn::CacheStats s = cache_->Stats();
@@ -386,6 +439,13 @@ class PagedStore final : public KvStore {
   std::int64_t physical_bytes() const override { return pool_bytes_; }
   std::int64_t peak_physical_bytes() const override { return pool_bytes_; }
   std::int64_t driver_calls() const override { return 0; }
+  MemoryUse Memory() const override {
+    const std::int64_t block = pool_bytes_ / allocator_.num_blocks();
+    MemoryUse m;
+    m.in_use = allocator_.used() * block;
+    m.pooled = pool_bytes_ - m.in_use;
+    return m;
+  }
   std::string name() const override {
     return absl::StrCat("paged pool (", allocator_.num_blocks(), " blocks of ",
                         kBlockTokens, " tokens)");
@@ -566,7 +626,17 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
   if (c.engine == Engine::kVattn) {
     VATTN_ASSIGN_OR_RETURN(store, VattnStore::Create(c, rows, dev.stream));
   } else {
-    const std::int64_t blocks = PeakBlocks(requests, plan, PagedStore::kBlockTokens);
+    // The budget in blocks (vLLM sizes its pool to the memory it is given),
+    // else exactly the plan's peak.
+    const std::int64_t block_bytes = PagedStore::kBlockTokens * m.BytesPerToken();
+    const std::int64_t blocks =
+        c.budget_bytes > 0 ? c.budget_bytes / block_bytes
+                           : PeakBlocks(requests, plan, PagedStore::kBlockTokens);
+    if (blocks < 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "budget_bytes ", c.budget_bytes, " holds no ", PagedStore::kBlockTokens,
+          "-token block of ", block_bytes, " bytes"));
+    }
     VATTN_ASSIGN_OR_RETURN(store, PagedStore::Create(c, rows, blocks, gpu, dev.stream));
   }
   res.backend = store->name();
@@ -617,6 +687,17 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
   double alloc_us = 0, attention_us = 0, fill_us = 0, wall_us = 0;
   std::int64_t peak_logical_tokens = 0;
   const std::int64_t calls_before = store->driver_calls();
+  // Records where the memory is; returns the time it took (kept out of the
+  // step times).
+  auto sample_memory = [&](bool overlap) -> Clock::duration {
+    const Clock::time_point s0 = Clock::now();
+    const KvStore::MemoryUse u = store->Memory();
+    if (!overlap) res.peak_in_use_bytes = std::max(res.peak_in_use_bytes, u.in_use);
+    res.peak_in_use_overlap_bytes = std::max(res.peak_in_use_overlap_bytes, u.in_use);
+    res.peak_reclaimable_bytes = std::max(res.peak_reclaimable_bytes, u.reclaimable);
+    res.peak_pooled_bytes = std::max(res.peak_pooled_bytes, u.pooled);
+    return Clock::now() - s0;
+  };
   Clock::time_point last_progress = Clock::now();
 
   auto admit = [&](int id) -> absl::Status {
@@ -681,6 +762,8 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
     const Clock::time_point t0 = Clock::now();
     VATTN_RETURN_IF_ERROR(store->Prepare(batch, &res.misses));
     const Clock::time_point t_prep = Clock::now();
+    // Memory while this step's batch is backed; not timed.
+    Clock::duration untimed = sample_memory(/*overlap=*/false);
     step_call_us.push_back(Us(t_prep - t0));
     double step_alloc_us = Us(t_prep - t0);
 
@@ -750,6 +833,7 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
     }
 
     // Finished requests leave (fenced on the stream on CUDA).
+    untimed += sample_memory(/*overlap=*/true);
     finished.clear();
     for (int id : ps.active) {
       ReqState& s = st[static_cast<std::size_t>(id)];
@@ -766,7 +850,7 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
     }
     if (gpu) DECODE_CUDA(cuda::StreamSync(dev.stream));
     const Clock::time_point t1 = Clock::now();
-    wall_us += Us(t1 - t0);
+    wall_us += Us(t1 - t0) - Us(untimed);
     alloc_us += step_alloc_us;
     if (gpu) {
       float f_ms = 0, a_ms = 0;
@@ -912,6 +996,7 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
   res.step_call_max_us = Percentile(step_call_us, 1.0);
   res.driver_calls = store->driver_calls() - calls_before;
   res.peak_physical_bytes = store->peak_physical_bytes();
+  res.budget_bytes = c.budget_bytes;
   res.peak_logical_bytes = peak_logical_tokens * m.BytesPerToken();
   // The remaining slots are idle; the store (and its cache) goes away here,
   // after the stream has drained.

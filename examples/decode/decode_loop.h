@@ -73,10 +73,19 @@ struct PlannedStep {
 };
 std::vector<PlannedStep> PlanSteps(const std::vector<Request>& requests,
                                    int max_slots);
-// The most 16-token blocks the plan holds at once (the paged pool's size).
+// The most 16-token blocks the plan holds at once (the paged pool's size
+// when no budget is given).
 std::int64_t PeakBlocks(const std::vector<Request>& requests,
                         const std::vector<PlannedStep>& plan,
                         int block_tokens);
+// The memory budget both engines get by default: `headroom` times the
+// plan's peak in 16-token blocks, rounded up to 2 MiB (the granularity of
+// the Host backend and of NVIDIA GPUs), and at least one 2 MiB granule per
+// slot the loop may hold (max_slots + max_slots / 4 + 1): a vattn slot
+// holding a request holds at least one granule.
+std::int64_t DefaultBudgetBytes(const std::vector<Request>& requests,
+                                int max_slots, const ModelShape& shape,
+                                double headroom = 1.25);
 
 enum class Device { kCpu, kCuda };
 enum class Engine { kVattn, kPaged };
@@ -110,6 +119,14 @@ struct DecodeConfig {
   std::int64_t map_ahead_tokens = 256;
   int pool_low_water = -1;
   int pool_high_water = -1;
+  // vattn's decode-extent cap in tokens (KVCacheOptions.max_extent_tokens);
+  // 0: the library's default.
+  std::int64_t max_extent_tokens = 0;
+  // The memory both engines may use: the paged pool holds this many bytes
+  // of blocks (allocated up front, as vLLM does) and vattn gets it as
+  // memory_budget_bytes. 0: the paged pool is the plan's peak and vattn
+  // has no budget of its own.
+  std::int64_t budget_bytes = 0;
   // The backend vattn maps through: a Host backend for Device::kCpu, a CUDA
   // backend for Device::kCuda. Unused by the paged engine.
   std::shared_ptr<vattn::Backend> backend;
@@ -159,6 +176,19 @@ struct RunResult {
   std::int64_t driver_calls = 0;  // create + destroy + map + unmap.
   std::int64_t peak_physical_bytes = 0;
   std::int64_t peak_logical_bytes = 0;
+  // Memory, sampled when each step's batch is backed (after Prepare, where
+  // the paged pool's blocks in use are counted too). In use: what backs the
+  // active requests (vattn: their adopted extents, look-ahead included;
+  // paged: their blocks). Reclaimable: vattn memory still mapped that no
+  // request relies on (idle slots, surplus); taken back by any Grow that
+  // needs it. Pooled: vattn's idle handles; paged: its free blocks.
+  std::int64_t peak_in_use_bytes = 0;
+  // The same, also sampled while the next step's requests hold their slots
+  // (their prompts mapped ahead) and the finished ones are not freed yet.
+  std::int64_t peak_in_use_overlap_bytes = 0;
+  std::int64_t peak_reclaimable_bytes = 0;
+  std::int64_t peak_pooled_bytes = 0;
+  std::int64_t budget_bytes = 0;  // 0: none.
   std::vector<CheckSample> checks;
   double max_rel_error = 0;
   double tolerance = 0;

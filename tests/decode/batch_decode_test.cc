@@ -232,5 +232,53 @@ TEST(RunDecodeErrorsTest, TooLongRequestsAndMissingDevice) {
   }
 }
 
+TEST(BatchDecodeMemoryTest, BothEnginesRunUnderOneBudgetAndReportWhereTheMemoryIs) {
+  DecodeConfig c = TinyConfig();
+  c.check_samples = 0;
+  c.max_extent_tokens = 32;
+  c.map_ahead_tokens = 1;
+  const std::vector<Request> reqs = SmallMix();
+  const std::int64_t bpt = c.shape.BytesPerToken();
+  const std::int64_t peak_blocks = PeakBlocks(reqs, PlanSteps(reqs, c.max_slots), 16);
+  c.budget_bytes = DefaultBudgetBytes(reqs, c.max_slots, c.shape);
+  EXPECT_EQ(c.budget_bytes % (std::int64_t{2} << 20), 0);
+  EXPECT_GE(static_cast<double>(c.budget_bytes),
+            1.25 * static_cast<double>(peak_blocks * 16 * bpt));
+  EXPECT_GE(c.budget_bytes,
+            (c.max_slots + c.max_slots / 4 + 1) * (std::int64_t{2} << 20));
+
+  std::map<Engine, RunResult> results;
+  for (Engine e : {Engine::kPaged, Engine::kVattn}) {
+    c.engine = e;
+    absl::StatusOr<RunResult> r = RunDecode(c, reqs);
+    ASSERT_TRUE(r.ok()) << EngineName(e) << ": " << r.status();
+    EXPECT_EQ(r->budget_bytes, c.budget_bytes);
+    EXPECT_LE(r->peak_physical_bytes, c.budget_bytes) << EngineName(e);
+    EXPECT_GE(r->peak_in_use_bytes, r->peak_logical_bytes) << EngineName(e);
+    EXPECT_GE(r->peak_in_use_overlap_bytes, r->peak_in_use_bytes) << EngineName(e);
+    EXPECT_LE(r->peak_in_use_overlap_bytes, r->peak_physical_bytes) << EngineName(e);
+    results[e] = *std::move(r);
+  }
+  const RunResult& paged = results[Engine::kPaged];
+  // The paged pool is the whole budget; what backs the batch is exactly the
+  // plan's peak in blocks.
+  EXPECT_EQ(paged.peak_physical_bytes, c.budget_bytes / (16 * bpt) * 16 * bpt);
+  EXPECT_EQ(paged.peak_in_use_bytes, peak_blocks * 16 * bpt);
+  EXPECT_EQ(paged.peak_reclaimable_bytes, 0);
+  // Free blocks peak when the fewest are in use.
+  EXPECT_GE(paged.peak_pooled_bytes, paged.peak_physical_bytes - paged.peak_in_use_bytes);
+  EXPECT_LE(paged.peak_pooled_bytes, paged.peak_physical_bytes);
+  const RunResult& vattn = results[Engine::kVattn];
+  EXPECT_GT(vattn.peak_reclaimable_bytes, 0) << "freed slots keep their extents";
+
+  // A budget that holds no block is refused, naming it.
+  c.engine = Engine::kPaged;
+  c.budget_bytes = 16 * bpt - 1;
+  absl::StatusOr<RunResult> refused = RunDecode(c, reqs);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("budget_bytes"), std::string::npos)
+      << refused.status();
+}
+
 }  // namespace
 }  // namespace vdecode
