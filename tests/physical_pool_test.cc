@@ -5,8 +5,11 @@
 
 #include "src/physical_pool.h"
 
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <memory>
+#include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -282,6 +285,39 @@ TEST(PhysicalPoolTest, PoolClassesFollowTheBackendsGranularity) {
   EXPECT_EQ(pool.size_classes().granularity(),
             static_cast<std::int64_t>(backend->granularity()));
   EXPECT_EQ(pool.size_classes().steps_per_doubling(), 16);
+}
+
+// What rounding prompts to classes costs on the capacity benchmark's
+// production and chat prompt mixes (log-normal, Llama-3-8B's 128 KiB per
+// token, 2 MiB granules), against rounding to one granule: printed (it is
+// quoted in docs/BENCHMARKS.md) and bounded.
+TEST(SizeClassesTest, PromptRoundingWasteOnTheCapacityMixes) {
+  const std::int64_t g = 2 * static_cast<std::int64_t>(kMiB);
+  const std::int64_t bpt = 128 * 1024;
+  struct Mix {
+    const char* name;
+    double median, sigma;
+  };
+  for (const Mix& mix : {Mix{"production", 1500, 0.686}, Mix{"chat", 1000, 1.0}}) {
+    for (int steps : {4, 8, 16, 32}) {
+      SizeClasses c(g, steps);
+      std::mt19937_64 rng(20240501);
+      std::normal_distribution<double> normal(0, 1);
+      double granule_bytes = 0, class_bytes = 0;
+      for (int i = 0; i < 20000; ++i) {
+        const std::int64_t tokens = std::clamp<std::int64_t>(
+            std::llround(std::exp(std::log(mix.median) + mix.sigma * normal(rng))), 1, 16383);
+        const std::int64_t exact = (tokens * bpt + g - 1) / g * g;
+        granule_bytes += static_cast<double>(exact);
+        class_bytes += static_cast<double>(c.Round(exact));
+      }
+      const double waste = class_bytes / granule_bytes - 1;
+      std::printf("prompt classes: %-10s steps %2d: %3d classes up to 16k tokens, %.2f%% more "
+                  "bytes than granule rounding\n",
+                  mix.name, steps, c.CountUpTo(16384 * bpt), 100 * waste);
+      EXPECT_LT(waste, c.MaxWasteFraction() / 1.5) << mix.name << " steps " << steps;
+    }
+  }
 }
 
 }  // namespace
