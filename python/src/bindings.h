@@ -16,8 +16,6 @@
 #include "absl/status/statusor.h"
 #include "python/src/errors.h"
 #include "vattn/backend.h"
-#include "vattn/fault_injection.h"
-#include "vattn/latency_model.h"
 
 namespace vattn::python {
 
