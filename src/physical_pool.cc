@@ -2,6 +2,7 @@
 #include "src/physical_pool.h"
 
 #include <algorithm>
+#include <chrono>
 #include <iterator>
 #include <utility>
 
@@ -254,9 +255,15 @@ absl::StatusOr<std::vector<PhysicalHandle>> PhysicalPool::Acquire(
   }
   counters_.idle_hits += count - created_here;
   counters_.idle_misses += created_here;
-  // Handed out: what one refill period asked of this size.
+  // Handed out: demand of this period for this size.
   Demand& d = demand_[bytes];
-  d.current += count;
+  const std::int64_t period = NowPeriod();
+  const std::size_t i = static_cast<std::size_t>(period) % d.count.size();
+  if (d.period[i] != period) {
+    d.period[i] = period;
+    d.count[i] = 0;
+  }
+  d.count[i] += count;
   d.seen = true;
   return out;
 }
@@ -293,14 +300,27 @@ absl::StatusOr<int> PhysicalPool::Fill(std::size_t bytes, int count) {
   return made;
 }
 
+std::int64_t PhysicalPool::NowPeriod() const {
+  const std::int64_t now =
+      options_.now_nanos
+          ? options_.now_nanos()
+          : std::chrono::duration_cast<std::chrono::nanoseconds>(
+                std::chrono::steady_clock::now().time_since_epoch())
+                .count();
+  return now / std::max<std::int64_t>(1, options_.demand_period_nanos);
+}
+
 int PhysicalPool::RefillTargetLocked(std::size_t bytes, int max_count) const {
   auto it = demand_.find(bytes);
   if (it == demand_.end() || !it->second.seen || max_count <= 0) return 0;
   const Demand& d = it->second;
-  const int window = std::clamp(options_.demand_window, 1,
-                                static_cast<int>(d.past.size()));
-  int peak = std::max(1, d.current);
-  for (int i = 0; i < window; ++i) peak = std::max(peak, d.past[static_cast<std::size_t>(i)]);
+  const std::int64_t window = std::clamp<std::int64_t>(
+      options_.demand_window, 1, static_cast<std::int64_t>(d.count.size()));
+  const std::int64_t now = NowPeriod();
+  int peak = 1;
+  for (std::size_t i = 0; i < d.count.size(); ++i) {
+    if (d.period[i] > now - window) peak = std::max(peak, d.count[i]);
+  }
   // Within the budget's pooled share, counting idle handles of other sizes.
   const std::int64_t cap = static_cast<std::int64_t>(
       options_.max_pooled_fraction * static_cast<double>(budget_bytes_));
@@ -323,26 +343,17 @@ bool PhysicalPool::BelowLowWater(std::size_t bytes, int max_count) const {
   return IdleCountLocked(bytes) < (target + 1) / 2;
 }
 
-absl::StatusOr<int> PhysicalPool::Replenish(std::size_t bytes,
-                                            int max_count) {
+absl::StatusOr<int> PhysicalPool::Replenish(std::size_t bytes, int max_count,
+                                            int max_create) {
   MutexLock lock(&mu_);
   const int target = RefillTargetLocked(bytes, max_count);
-  // Close the period: what was handed out since the last refill joins the
-  // window.
-  if (auto it = demand_.find(bytes); it != demand_.end()) {
-    Demand& d = it->second;
-    const int window = std::clamp(options_.demand_window, 1,
-                                  static_cast<int>(d.past.size()));
-    d.past[static_cast<std::size_t>(d.next)] = d.current;
-    d.next = (d.next + 1) % window;
-    d.current = 0;
-  }
   const int idle = IdleCountLocked(bytes);
   const std::int64_t affordable =
       std::max<std::int64_t>(0, HeadroomLocked()) /
       static_cast<std::int64_t>(bytes);
-  const int missing = static_cast<int>(
-      std::min<std::int64_t>(std::max(0, target - idle), affordable));
+  const int missing = static_cast<int>(std::min<std::int64_t>(
+      {std::max(0, target - idle), affordable,
+       static_cast<std::int64_t>(std::max(0, max_create))}));
   if (missing == 0) return 0;
   std::vector<PhysicalHandle> created;
   absl::Status status = CreateLocked(bytes, missing, &created);

@@ -83,8 +83,13 @@ class PhysicalPool {
     // share of the budget, whatever demand says: pooled memory cannot
     // strand the budget.
     double max_pooled_fraction = 1.0 / 16;
-    // Refill periods Replenish remembers demand over.
+    // Demand is counted in periods of this length; RefillTarget looks at
+    // the last demand_window of them (1..16), the current one included.
+    std::int64_t demand_period_nanos = 50'000'000;  // 50 ms.
     int demand_window = 4;
+    // The clock periods are cut from (tests pass their own); null: the
+    // steady clock.
+    std::function<std::int64_t()> now_nanos;
   };
 
   // budget_bytes: the cap; must be positive.
@@ -114,21 +119,24 @@ class PhysicalPool {
   absl::StatusOr<int> Fill(std::size_t bytes, int count);
 
   // ---- Demand-following refill (the background thread's water marks) ----
-  // The idle handles of `bytes` a refill aims for: the most handles of that
-  // size Acquire handed out in one refill period over the last
-  // demand_window periods (a period ends at each Replenish of the size),
-  // at least 1 once the size was ever asked for, at most `max_count`, and
-  // within max_pooled_fraction of the budget (counting idle handles of
-  // other sizes). 0 for a size never acquired.
+  // The idle handles of `bytes` a refill aims for (the high water mark):
+  // the most handles of that size Acquire handed out in one demand period
+  // over the last demand_window periods, at least 1 once the size was ever
+  // handed out, at most `max_count` (the caller's cap, e.g.
+  // KVCacheOptions.pool_high_water), and within max_pooled_fraction of the
+  // budget (counting idle handles of other sizes). 0 for a size never
+  // handed out: nothing is pooled for demand that never came.
   int RefillTarget(std::size_t bytes, int max_count) const;
   // True when fewer than half the refill target (rounded up) are idle: the
   // low water mark.
   bool BelowLowWater(std::size_t bytes, int max_count) const;
-  // Ends the size's refill period and creates idle handles up to
-  // RefillTarget (within the budget's headroom). Returns how many it
-  // created; an error of the backend's Create (what was created before it
-  // stays idle).
-  absl::StatusOr<int> Replenish(std::size_t bytes, int max_count);
+  // Creates idle handles of `bytes` toward RefillTarget(bytes, max_count),
+  // at most `max_create` of them (a background thread that must not hold
+  // up a foreground miss creates one per round), within the budget's
+  // headroom. Returns how many it created, or the backend's Create error
+  // (what was created before it stays idle).
+  absl::StatusOr<int> Replenish(std::size_t bytes, int max_count,
+                                int max_create = 1 << 30);
 
   // Destroys every idle handle, in one batch. Returns the first error; the
   // handles whose destroy failed stay idle.
@@ -142,13 +150,14 @@ class PhysicalPool {
   Counters counters() const;
 
  private:
-  // Handed-out counts of one size over the last refill periods.
+  // Handed-out counts of one size per demand period: a ring indexed by
+  // period number modulo its size; a slot whose period is stale reads 0.
   struct Demand {
-    int current = 0;  // Handed out since the last Replenish.
-    std::array<int, 16> past{};  // Ring of finished periods.
-    int next = 0;
+    std::array<int, 16> count{};
+    std::array<std::int64_t, 16> period{};
     bool seen = false;
   };
+  std::int64_t NowPeriod() const;
 
   // Destroys idle handles of sizes other than `keep`, largest first, until
   // `bytes` are freed or none are left, in one batch: victims are taken
