@@ -2,6 +2,8 @@
 #include "src/placement.h"
 
 #include <algorithm>
+#include <iterator>
+#include <limits>
 
 namespace vattn {
 
@@ -10,116 +12,161 @@ std::vector<std::int64_t> AcquisitionOrder::WithoutReclaim() const {
   return {preferred, minimum};
 }
 
+std::int64_t ReuseWasteLimit(std::int64_t want, std::int64_t max_extent,
+                             std::int64_t granule, bool memory_short) {
+  if (!memory_short) return std::max(max_extent, want);
+  return std::max(granule, std::min(max_extent, want / 4));
+}
+
 Placement::Placement(int max_slots)
-    : slots_(static_cast<std::size_t>(max_slots)) {}
+    : slots_(static_cast<std::size_t>(max_slots)) {
+  for (int i = 0; i < max_slots; ++i) Index(i);
+}
+
+void Placement::Unindex(int slot) {
+  const Entry& e = At(slot);
+  const std::int64_t held = e.mapped_bytes();
+  if (!e.active) {
+    if (!e.ends.empty()) {
+      --idle_with_memory_;
+      idle_bytes_ -= held;
+    }
+    if (e.op == SlotOp::kNone) {
+      placeable_.erase({held, slot});
+      if (!e.ends.empty()) lru_.erase({e.idle_seq, slot});
+    } else {
+      --idle_busy_;
+      if (!e.ends.empty() && e.op != SlotOp::kMapping) --idle_freeing_;
+    }
+  } else if (e.surplus_bytes > 0) {
+    surplus_total_ -= e.surplus_bytes;
+    if (e.op == SlotOp::kNone) surplus_.erase({-e.surplus_bytes, slot});
+  }
+}
+
+void Placement::Index(int slot) {
+  Entry& e = At(slot);
+  const std::int64_t held = e.mapped_bytes();
+  // Only an active slot has surplus: an idle one's extents all back it.
+  e.surplus_bytes = 0;
+  if (e.active) {
+    const int backing = std::clamp(e.backing_extents, 0,
+                                   static_cast<int>(e.ends.size()));
+    e.surplus_bytes =
+        held - (backing == 0 ? 0 : e.ends[static_cast<std::size_t>(backing - 1)]);
+  }
+  if (!e.active) {
+    if (!e.ends.empty()) {
+      ++idle_with_memory_;
+      idle_bytes_ += held;
+    }
+    if (e.op == SlotOp::kNone) {
+      placeable_.insert({held, slot});
+      if (!e.ends.empty()) lru_.insert({e.idle_seq, slot});
+    } else {
+      ++idle_busy_;
+      if (!e.ends.empty() && e.op != SlotOp::kMapping) ++idle_freeing_;
+    }
+  } else if (e.surplus_bytes > 0) {
+    surplus_total_ += e.surplus_bytes;
+    if (e.op == SlotOp::kNone) surplus_.insert({-e.surplus_bytes, slot});
+  }
+}
 
 void Placement::OnSlotActive(int slot) {
-  slots_[static_cast<std::size_t>(slot)].active = true;
+  Unindex(slot);
+  At(slot).active = true;
+  Index(slot);
 }
 
 void Placement::OnSlotIdle(int slot) {
-  Entry& e = slots_[static_cast<std::size_t>(slot)];
+  Unindex(slot);
+  Entry& e = At(slot);
   e.active = false;
   e.idle_seq = ++idle_seq_;
+  Index(slot);
 }
 
 void Placement::OnSlotOp(int slot, SlotOp op) {
-  slots_[static_cast<std::size_t>(slot)].op = op;
+  if (At(slot).op == op) return;
+  Unindex(slot);
+  At(slot).op = op;
+  Index(slot);
 }
 
 void Placement::OnExtentsChanged(int slot, absl::Span<const Extent> extents,
                                  int backing_extents) {
-  Entry& e = slots_[static_cast<std::size_t>(slot)];
-  e.extent_bytes.clear();
-  e.mapped_bytes = 0;
-  e.surplus_bytes = 0;
-  for (std::size_t i = 0; i < extents.size(); ++i) {
-    e.extent_bytes.push_back(extents[i].bytes);
-    e.mapped_bytes += extents[i].bytes;
-    if (static_cast<int>(i) >= backing_extents) {
-      e.surplus_bytes += extents[i].bytes;
-    }
+  Unindex(slot);
+  Entry& e = At(slot);
+  // Extents change only at the end: keep the common prefix (checked by its
+  // last end; a mismatch there means a rebuild), then append the rest.
+  std::size_t keep = std::min(e.ends.size(), extents.size());
+  if (keep > 0) {
+    const Extent& last = extents[keep - 1];
+    if (last.offset + last.bytes != e.ends[keep - 1]) keep = 0;
+  }
+  e.ends.resize(keep);
+  for (std::size_t i = keep; i < extents.size(); ++i) {
+    e.ends.push_back(extents[i].offset + extents[i].bytes);
   }
   e.backing_extents = backing_extents;
+  Index(slot);
+}
+
+std::int64_t Placement::CoverWaste(const Entry& e, std::int64_t want) const {
+  auto it = std::lower_bound(e.ends.begin(), e.ends.end(), want);
+  return it == e.ends.end() ? 0 : *it - want;
 }
 
 int Placement::ChooseSlotFor(std::int64_t want_bytes, std::int64_t waste_limit,
                              bool* wait) const {
-  int best = -1;
-  std::int64_t best_gain = 0;
-  std::int64_t best_waste = 0;
   *wait = false;
-  for (int i = 0; i < static_cast<int>(slots_.size()); ++i) {
-    const Entry& e = slots_[static_cast<std::size_t>(i)];
-    if (e.active) continue;
-    if (e.op != SlotOp::kNone) {
-      *wait = true;
-      continue;
-    }
-    // The request adopts extents through the one that covers the hint.
-    std::int64_t through = 0;
-    for (std::int64_t bytes : e.extent_bytes) {
-      if (through >= want_bytes) break;
-      through += bytes;
-    }
-    const std::int64_t waste = through > want_bytes ? through - want_bytes : 0;
-    const std::int64_t gain =
-        waste > waste_limit ? -1 : std::min(through, want_bytes);
-    if (best < 0 || gain > best_gain ||
-        (gain == best_gain && waste < best_waste)) {
-      best = i;
-      best_gain = gain;
-      best_waste = waste;
-    }
+  if (placeable_.empty()) {
+    *wait = idle_busy_ > 0;
+    return -1;
   }
-  if (best >= 0) *wait = false;
-  return best;
+  // Slots holding at least the hint, least first: the one whose covering
+  // extent wastes least, within the limit (0 is as good as it gets).
+  int over = -1;
+  std::int64_t over_waste = std::numeric_limits<std::int64_t>::max();
+  int probes = 0;
+  for (auto it = placeable_.lower_bound({want_bytes, -1});
+       it != placeable_.end() && probes <= kMaxProbes; ++it, ++probes) {
+    const std::int64_t waste = CoverWaste(At(it->second), want_bytes);
+    if (waste < over_waste) {  // Ties: the first, which holds least.
+      over = it->second;
+      over_waste = waste;
+    }
+    if (waste == 0) break;
+  }
+  if (over >= 0 && over_waste <= waste_limit) return over;
+  // The slot holding most below the hint (the lowest index among equals).
+  auto below = placeable_.lower_bound({want_bytes, -1});
+  if (below != placeable_.begin()) {
+    const std::int64_t held = std::prev(below)->first;
+    return placeable_.lower_bound({held, -1})->second;
+  }
+  return over;
 }
 
 int Placement::ChooseVictim(absl::FunctionRef<bool(int)> fences_done,
                             bool* wait) const {
-  int idle_ready = -1;
-  int idle_oldest = -1;
-  int surplus_ready = -1;
-  int surplus_any = -1;
   *wait = false;
-  auto at = [this](int i) -> const Entry& {
-    return slots_[static_cast<std::size_t>(i)];
-  };
-  for (int i = 0; i < static_cast<int>(slots_.size()); ++i) {
-    const Entry& e = at(i);
-    if (e.extent_bytes.empty()) continue;
-    if (e.op != SlotOp::kNone) {
-      // Memory another thread is taking back (or zeroing) comes free soon;
-      // one mapping may itself be waiting for memory.
-      *wait = *wait || (!e.active && e.op != SlotOp::kMapping);
-      continue;
-    }
-    if (e.active && e.surplus_bytes == 0) continue;  // All of it backs.
-    const bool ready = fences_done(i);
-    if (!e.active) {
-      if (idle_oldest < 0 || e.idle_seq < at(idle_oldest).idle_seq) {
-        idle_oldest = i;
-      }
-      if (ready && (idle_ready < 0 || e.idle_seq < at(idle_ready).idle_seq)) {
-        idle_ready = i;
-      }
-    } else {
-      if (surplus_any < 0 || e.surplus_bytes > at(surplus_any).surplus_bytes) {
-        surplus_any = i;
-      }
-      if (ready && (surplus_ready < 0 ||
-                    e.surplus_bytes > at(surplus_ready).surplus_bytes)) {
-        surplus_ready = i;
-      }
-    }
+  int probes = 0;
+  for (auto it = lru_.begin(); it != lru_.end() && probes <= kMaxProbes;
+       ++it, ++probes) {
+    if (fences_done(it->second)) return it->second;
   }
-  for (int victim : {idle_ready, surplus_ready, idle_oldest, surplus_any}) {
-    if (victim >= 0) {
-      *wait = false;
-      return victim;
-    }
+  probes = 0;
+  for (auto it = surplus_.begin(); it != surplus_.end() && probes <= kMaxProbes;
+       ++it, ++probes) {
+    if (fences_done(it->second)) return it->second;
   }
+  if (!lru_.empty()) return lru_.begin()->second;
+  if (!surplus_.empty()) return surplus_.begin()->second;
+  // Memory another thread is taking back (or zeroing) comes free soon; a
+  // slot being mapped may itself be waiting for memory.
+  *wait = idle_freeing_ > 0;
   return -1;
 }
 
