@@ -15,7 +15,7 @@
 
 #include "absl/status/statusor.h"
 #include "python/src/errors.h"
-#include "vattn/backend.h"
+#include "vattn/vattn.h"  // The whole public API, however it is split.
 
 namespace vattn::python {
 
