@@ -68,8 +68,9 @@ constexpr const char* kUsage = R"(usage: batch_decode [flags]
   --no-map-ahead             map on the caller's thread (for comparison)
   --max_extent_tokens=N      vattn's decode-extent cap (default: the library's
                              64 on a GPU, 32 on the CPU)
-  --budget_mib=N             memory both engines may use (default: 1.25x the
-                             plan's peak in 16-token blocks)
+  --budget_mib=N             memory both engines may use (default: the plan's
+                             peak in 16-token blocks x1.25 on the CPU, x2 on
+                             a GPU)
   --repeats=N                runs per engine, in alternating order (default
                              3 on the CPU, 1 on a GPU)
   --vattn-only               run vattn alone (no paged baseline)
@@ -566,12 +567,18 @@ int main(int argc, char** argv) {
              vattn::LayoutName(c.layout),
              c.map_ahead_tokens > 0 ? fmt::format("{} tokens", c.map_ahead_tokens) : "off");
   // Both engines get the same memory: the paged pool is that many bytes of
-  // blocks, vattn's memory_budget_bytes is that.
+  // blocks, vattn's memory_budget_bytes is that. On a GPU, 2x: its 256-token
+  // look-ahead maps ahead of every request and of the next step's prompts,
+  // memory no Step can take back while those requests live.
+  const double headroom = gpu ? 2.0 : 1.25;
   c.budget_bytes = f.budget_mib ? *f.budget_mib << 20
-                                : vdecode::DefaultBudgetBytes(requests, c.max_slots, c.shape);
+                                : vdecode::DefaultBudgetBytes(requests, c.max_slots, c.shape,
+                                                              headroom);
   fmt::print("memory       budget {} MiB for each engine{}; vattn decode extents up to {} "
              "tokens\n",
-             Mib(c.budget_bytes), f.budget_mib ? "" : " (1.25x the plan's peak in 16-token blocks)",
+             Mib(c.budget_bytes),
+             f.budget_mib ? std::string()
+                          : fmt::format(" ({}x the plan's peak in 16-token blocks)", headroom),
              c.max_extent_tokens > 0 ? c.max_extent_tokens : vattn::KVCacheOptions().max_extent_tokens);
   if (!f.model && !f.requests && !f.trace) {
     fmt::print("             (the default {} workload; flags change it, --help lists them)\n",
