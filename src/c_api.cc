@@ -356,9 +356,17 @@ int vattn_cache_free(vattn_cache* cache, int slot, void* stream,
   constexpr const char* kFn = "vattn_cache_free";
   return vattn::Guard(kFn, [&] {
     if (cache == nullptr) return vattn::NullArgument(kFn, "cache");
-    std::optional<vattn::Stream> fence;
-    if (has_fence != 0) fence = vattn::Stream::FromHandle(stream);
-    return vattn::Report(kFn, cache->cache->Free(slot, fence));
+    if (has_fence == 0) return vattn::Report(kFn, cache->cache->Free(slot));
+    return vattn::Report(
+        kFn, cache->cache->Free(slot, vattn::Stream::FromHandle(stream)));
+  });
+}
+
+int vattn_cache_free_no_fence(vattn_cache* cache, int slot) {
+  constexpr const char* kFn = "vattn_cache_free_no_fence";
+  return vattn::Guard(kFn, [&] {
+    if (cache == nullptr) return vattn::NullArgument(kFn, "cache");
+    return vattn::Report(kFn, cache->cache->Free(slot, vattn::kNoFence));
   });
 }
 

@@ -6,7 +6,10 @@
 //          clear the mark, commit the extent (or nothing, on error);
 //   unmap: pop the slot's last extent, unlock, unmap, lock, release its
 //          handles to the pool (or restore the extent, on error).
-// Those sequences live here and nowhere else.
+// Those sequences live here and nowhere else, and so does the quarantine:
+// an extent whose rollback failed too (some regions may still be mapped)
+// leaves the slot's books for the slot's quarantine list, keeps its
+// handles, and is unmapped again by RetryQuarantineLocked.
 #ifndef VATTN_SRC_EXTENT_MAPPER_H_
 #define VATTN_SRC_EXTENT_MAPPER_H_
 
@@ -59,20 +62,38 @@ class ExtentMapper {
 
   // ---- Sequences around the cache lock `mu` (held on entry and exit).
   // Maps one new extent of `preferred` bytes per region (or, under budget
-  // pressure, `minimum`) at the slot's end and appends it, backing. The
-  // slot must not be busy; it is marked mapping meanwhile, and waiters on
-  // slot_cv are woken after. On error nothing is mapped or held.
+  // pressure, `minimum`) at the slot's end (after every extent it holds)
+  // and appends it, backing. The slot must not be busy; it is marked
+  // mapping meanwhile, and waiters on slot_cv are woken after. The slot's
+  // quarantine is retried first: while it is not empty, its unmap error is
+  // returned and nothing is mapped. On error nothing is mapped or held,
+  // except an extent whose rollback failed: that one is quarantined.
   absl::Status MapNextLocked(internal::Mutex& mu, int slot, Slot& s,
                              std::int64_t preferred, std::int64_t minimum)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // What UnmapLastLocked does with an extent whose unmap failed but whose
+  // rollback mapped it back whole.
+  enum class OnCleanFailure { kRestore, kQuarantine };
   // Unmaps the slot's last extent and releases its handles to the pool;
   // returns its size per region. The caller has marked the slot busy. On
-  // error the extent is back on the slot's books.
-  absl::StatusOr<std::int64_t> UnmapLastLocked(internal::Mutex& mu, int slot,
-                                               Slot& s)
+  // error the extent is quarantined if its state is unknown, else restored
+  // on the slot's books (or quarantined, as `on_failure` says).
+  absl::StatusOr<std::int64_t> UnmapLastLocked(
+      internal::Mutex& mu, int slot, Slot& s,
+      OnCleanFailure on_failure = OnCleanFailure::kRestore)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
-  // UnmapLastLocked until the slot holds nothing; the first error stops it.
-  absl::Status UnmapAllLocked(internal::Mutex& mu, int slot, Slot& s)
+  // Unmaps every extent of the slot; with kQuarantine a failure moves the
+  // extent to quarantine and goes on with the next one, with kRestore the
+  // first error stops it. Returns the first error.
+  absl::Status UnmapAllLocked(internal::Mutex& mu, int slot, Slot& s,
+                              OnCleanFailure on_failure = OnCleanFailure::kRestore)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Unmaps again the regions of the slot's quarantined extents that may
+  // still be mapped; an extent fully unmapped goes back to the pool.
+  // Returns the bytes per region given back, or the first error (then the
+  // rest stays in quarantine). The caller has marked the slot busy.
+  absl::StatusOr<std::int64_t> RetryQuarantineLocked(internal::Mutex& mu,
+                                                     int slot, Slot& s)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
 
   // ---- Driver work, without the cache lock.
@@ -91,11 +112,18 @@ class ExtentMapper {
     return base_ +
            static_cast<DevicePtr>(geo_->RegionOffset(slot, region) + offset);
   }
-  // Maps the extent's handles in every region (and zeroes them if asked);
-  // on error unmaps what it mapped.
-  absl::Status MapRegions(int slot, const Extent& extent);
-  // Unmaps the extent in every region; on error maps back what it unmapped.
-  absl::Status UnmapRegions(int slot, const Extent& extent);
+  // Maps the extent's handles in every region (and zeroes them if asked).
+  // On error unmaps what it mapped; *left_mapped is empty when that worked,
+  // else it flags the regions that may still be mapped.
+  absl::Status MapRegions(int slot, const Extent& extent,
+                          std::vector<char>* left_mapped);
+  // Unmaps the extent in every region. On error maps back what it unmapped;
+  // *left_mapped is empty when that worked (the extent is whole), else it
+  // flags the regions that may still be mapped.
+  absl::Status UnmapRegions(int slot, const Extent& extent,
+                            std::vector<char>* left_mapped);
+  // Moves an extent to the slot's quarantine (mu held).
+  void Quarantine(int slot, Slot& s, Extent extent, std::vector<char> mapped);
 
   Backend* const backend_;
   PhysicalPool* const pool_;

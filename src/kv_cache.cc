@@ -24,6 +24,42 @@ std::int64_t NowNanos() {
       .count();
 }
 
+// Finds a slot listed twice in one Step batch in O(batch): one stamp per
+// slot, per thread (so concurrent Steps do not share it), a new epoch per
+// batch instead of clearing.
+class SeenSlots {
+ public:
+  static SeenSlots& Begin(int max_slots) {
+    thread_local SeenSlots seen;
+    if (seen.marks_.size() < static_cast<std::size_t>(max_slots)) {
+      seen.marks_.resize(static_cast<std::size_t>(max_slots), 0);
+    }
+    if (++seen.epoch_ == 0) {  // Wrapped: old stamps could match again.
+      std::fill(seen.marks_.begin(), seen.marks_.end(), 0);
+      seen.epoch_ = 1;
+    }
+    return seen;
+  }
+  // Records that request `index` names `slot` (in range); returns the index
+  // of an earlier request of this batch naming it too, or -1.
+  std::int64_t Insert(int slot, std::size_t index) {
+    std::uint64_t& mark = marks_[static_cast<std::size_t>(slot)];
+    if ((mark >> 32) == epoch_) return static_cast<std::int64_t>(mark & 0xffffffffu);
+    mark = (std::uint64_t{epoch_} << 32) | (index & 0xffffffffu);
+    return -1;
+  }
+
+ private:
+  std::vector<std::uint64_t> marks_;  // epoch << 32 | request index.
+  std::uint32_t epoch_ = 0;
+};
+
+absl::Status InRequest(std::size_t index, const absl::Status& status) {
+  return absl::Status(status.code(),
+                      absl::StrFormat("Step request %d: %s", index,
+                                      status.message()));
+}
+
 }  // namespace
 
 KVCache::KVCache(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -67,7 +103,6 @@ absl::StatusOr<int> KVCache::AllocSlot(std::int64_t expected_tokens) {
 
 absl::StatusOr<int> KVCache::Impl::AllocSlotLocked(std::int64_t expected_tokens,
                                                    bool* wake) {
-  VATTN_RETURN_IF_ERROR(background_error);
   const std::int64_t want =
       geo.BytesFor(std::max<std::int64_t>(1, expected_tokens));
   // What the extent covering the hint holds beyond it is waste for the
@@ -101,10 +136,11 @@ absl::StatusOr<int> KVCache::Impl::AllocSlotLocked(std::int64_t expected_tokens,
   }
   if (s.mapped_bytes() > 0) ++stats.reuse_hits;
   // The request backs the extents the hint needs; the rest is surplus.
+  active_tokens.fetch_sub(s.length(), std::memory_order_relaxed);
   s.Activate(expected_tokens, geo.BytesFor(expected_tokens));
   ++active_count;
   placement.OnSlotActive(best);
-  placement.OnExtentsChanged(best, s.extents(), s.backing_extents());
+  BooksChangedLocked(best);
   PruneFencesLocked(s);
   if (NeedsMapAhead(s)) {
     MarkIfDue(best, s);
@@ -120,13 +156,11 @@ absl::Status KVCache::Grow(int slot, std::int64_t tokens) {
   bool wake = false;
   {
     MutexLock lock(&m.mu);
-    VATTN_RETURN_IF_ERROR(m.background_error);
     VATTN_RETURN_IF_ERROR(m.CheckActiveLocked(slot));
     ++m.stats.grow_calls;
     VATTN_RETURN_IF_ERROR(m.EnsureBackedLocked(slot, tokens, nullptr));
     Slot& s = m.At(slot);
-    if (s.length() < tokens) s.set_length(tokens);
-    s.mark_written();
+    if (s.length() < tokens) m.SetLengthLocked(s, tokens);
     if (m.NeedsMapAhead(s)) {
       m.MarkIfDue(slot, s);
       m.NoteWorkLocked(&wake);
@@ -147,15 +181,28 @@ absl::Status KVCache::Shrink(int slot, std::int64_t tokens) {
         "Shrink(slot %d, %d): tokens must be in [0, length %d]", slot, tokens,
         s.length()));
   }
-  s.set_length(tokens);
+  m.SetLengthLocked(s, tokens);
   return absl::OkStatus();
 }
 
-absl::Status KVCache::Free(int slot, std::optional<Stream> fence) {
+absl::Status KVCache::Free(int slot) { return Free(slot, Stream{}); }
+
+absl::Status KVCache::Free(int slot, Stream fence) {
   Impl& m = *impl_;
   VATTN_RETURN_IF_ERROR(m.CheckSlot(slot));
   MutexLock lock(&m.mu);
   return m.FreeLocked(slot, fence);
+}
+
+absl::Status KVCache::Free(int slot, NoFence) {
+  Impl& m = *impl_;
+  VATTN_RETURN_IF_ERROR(m.CheckSlot(slot));
+  MutexLock lock(&m.mu);
+  return m.FreeLocked(slot, std::nullopt);
+}
+
+absl::Status KVCache::Free(int slot, std::optional<Stream> fence) {
+  return Free(slot, fence.value_or(Stream{}));
 }
 
 absl::Status KVCache::Impl::FreeLocked(int slot, std::optional<Stream> fence) {
@@ -165,10 +212,11 @@ absl::Status KVCache::Impl::FreeLocked(int slot, std::optional<Stream> fence) {
     VATTN_ASSIGN_OR_RETURN(FenceId id, backend->RecordFence(*fence));
     if (id != kCompletedFence) s.fences().push_back(id);
   }
+  active_tokens.fetch_sub(s.length(), std::memory_order_relaxed);
   s.Deactivate();
   --active_count;
   placement.OnSlotIdle(slot);
-  placement.OnExtentsChanged(slot, s.extents(), s.backing_extents());
+  BooksChangedLocked(slot);
   if (opts.defer_reclaim) return absl::OkStatus();
   WaitNotBusyLocked(slot);
   if (s.active()) return absl::OkStatus();  // Reused meanwhile.
@@ -182,10 +230,7 @@ absl::Status KVCache::Impl::FreeLocked(int slot, std::optional<Stream> fence) {
 absl::StatusOr<StepResult> KVCache::Step(absl::Span<const StepRequest> batch) {
   Impl& m = *impl_;
   // Validate everything first: bad input changes nothing.
-  for (const StepRequest& r : batch) {
-    VATTN_RETURN_IF_ERROR(m.CheckSlot(r.slot));
-    VATTN_RETURN_IF_ERROR(m.CheckTokens(r.tokens));
-  }
+  VATTN_RETURN_IF_ERROR(m.CheckBatch(batch));
   if (m.TryFastStep(batch)) return StepResult{};
   bool wake = false;
   absl::StatusOr<StepResult> result;
@@ -197,22 +242,53 @@ absl::StatusOr<StepResult> KVCache::Step(absl::Span<const StepRequest> batch) {
   return result;
 }
 
+absl::Status KVCache::Impl::CheckBatch(
+    absl::Span<const StepRequest> batch) const {
+  SeenSlots& seen = SeenSlots::Begin(opts.max_slots);
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    const StepRequest& r = batch[i];
+    if (absl::Status s = CheckSlot(r.slot); !s.ok()) return InRequest(i, s);
+    if (absl::Status s = CheckTokens(r.tokens); !s.ok()) return InRequest(i, s);
+    if (const std::int64_t earlier = seen.Insert(r.slot, i); earlier >= 0) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "Step request %d: slot %d is also request %d (a slot may appear "
+          "once per step)",
+          i, r.slot, earlier));
+    }
+  }
+  return absl::OkStatus();
+}
+
 bool KVCache::Impl::TryFastStep(absl::Span<const StepRequest> batch) {
-  if (has_background_error.load(std::memory_order_acquire)) return false;
+  // A slot listed twice, or tokens below a slot's length: the slow path
+  // reports it.
+  SeenSlots* seen =
+      batch.size() > 1 ? &SeenSlots::Begin(opts.max_slots) : nullptr;
+  std::int64_t added_tokens = 0;
   // Every slot active and backed? Otherwise the slow path reports or maps,
   // under the lock; nothing has changed yet.
   for (const StepRequest& r : batch) {
     const Slot& s = FastPathSlot(r.slot);
-    if (!s.active() || s.backing_bytes() < geo.BytesFor(r.tokens)) return false;
+    if (!s.active() || s.backing_bytes() < geo.BytesFor(r.tokens) ||
+        r.tokens < s.length()) {
+      return false;
+    }
+    if (seen != nullptr &&
+        seen->Insert(r.slot, static_cast<std::size_t>(&r - batch.data())) >= 0) {
+      return false;
+    }
   }
   bool urgent = false;
   for (const StepRequest& r : batch) {
     Slot& s = FastPathSlot(r.slot);
-    if (s.length() < r.tokens) s.set_length(r.tokens);
-    s.mark_written();
+    if (s.length() < r.tokens) {
+      added_tokens += r.tokens - s.length();
+      s.set_length(r.tokens);
+    }
     MarkIfDue(r.slot, s);
     urgent = urgent || UrgentMapAhead(s);
   }
+  active_tokens.fetch_add(added_tokens, std::memory_order_relaxed);
   step_calls.fetch_add(1, std::memory_order_relaxed);
   if (urgent) {
     worker.NoteWork();
@@ -223,9 +299,18 @@ bool KVCache::Impl::TryFastStep(absl::Span<const StepRequest> batch) {
 
 absl::StatusOr<StepResult> KVCache::Impl::StepLocked(
     absl::Span<const StepRequest> batch, bool* wake) {
-  VATTN_RETURN_IF_ERROR(background_error);
-  for (const StepRequest& r : batch) {
-    VATTN_RETURN_IF_ERROR(CheckActiveLocked(r.slot));
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    const StepRequest& r = batch[i];
+    if (absl::Status s = CheckActiveLocked(r.slot); !s.ok()) {
+      return InRequest(i, s);
+    }
+    const std::int64_t length = At(r.slot).length();
+    if (r.tokens < length) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "Step request %d: tokens %d are below slot %d's length %d (Shrink "
+          "lowers a length)",
+          i, r.tokens, r.slot, length));
+    }
   }
   step_calls.fetch_add(1, std::memory_order_relaxed);
   StepResult result;
@@ -247,8 +332,7 @@ absl::StatusOr<StepResult> KVCache::Impl::StepLocked(
       }
       if (!status.ok()) break;
     }
-    if (s.length() < r.tokens) s.set_length(r.tokens);
-    s.mark_written();
+    if (s.length() < r.tokens) SetLengthLocked(s, r.tokens);
     MarkIfDue(r.slot, s);
     more_work = more_work || NeedsMapAhead(s);
   }
@@ -275,22 +359,16 @@ CacheStats KVCache::Stats() const {
   PhysicalPool::Counters pool;
   {
     MutexLock lock(&m.mu);
+    // Totals kept as the slots change: no slot is read here.
     out = m.stats;
-    out.mapped_bytes = 0;
-    out.surplus_bytes = 0;
-    out.logical_bytes = 0;
-    out.active_slots = 0;
-    out.idle_slots_with_memory = 0;
-    for (const Slot& s : m.slots) {
-      out.mapped_bytes += s.mapped_bytes() * regions;
-      if (s.active()) {
-        ++out.active_slots;
-        out.logical_bytes += s.length() * m.geo.bytes_per_token();
-        out.surplus_bytes += s.surplus_bytes() * regions;
-      } else if (!s.extents().empty()) {
-        ++out.idle_slots_with_memory;
-      }
-    }
+    out.mapped_bytes = m.totals.mapped * regions;
+    out.surplus_bytes = m.totals.surplus * regions;
+    out.quarantined_extents = m.totals.quarantined;
+    out.quarantined_bytes = m.totals.quarantined_bytes * regions;
+    out.active_slots = m.active_count;
+    out.idle_slots_with_memory = m.totals.idle_with_memory;
+    out.logical_bytes = m.active_tokens.load(std::memory_order_relaxed) *
+                        m.geo.bytes_per_token();
     // Under the cache lock, so a handle moving between a slot and the pool
     // (which happens in two steps, the slot's side under this lock) is
     // never counted on both sides.
@@ -336,7 +414,9 @@ absl::Status KVCache::WaitForBackgroundIdle() {
   Impl& m = *impl_;
   if (m.worker.running()) m.worker.WaitIdle();
   MutexLock lock(&m.mu);
-  return m.background_error;
+  absl::Status last = std::move(m.last_background_error);
+  m.last_background_error = absl::OkStatus();
+  return last;
 }
 
 }  // namespace vattn

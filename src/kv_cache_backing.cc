@@ -5,6 +5,7 @@
 // thread's decisions (see kv_cache_impl.h for the states and the locking).
 
 #include <algorithm>
+#include <cstdio>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -83,24 +84,41 @@ void KVCache::Impl::Shutdown() {
   }
   worker.Stop();
   MutexLock lock(&mu);
+  // Every extent that can be returned is: a failed unmap sends its extent
+  // to quarantine and the next extent is tried; the quarantine is retried
+  // once at the end. What is still mapped after that is reported and left
+  // to the backend (which takes it back when it is destroyed).
+  absl::Status first;
   if (mapper != nullptr) {
     for (int i = 0; i < opts.max_slots; ++i) {
       WaitNotBusyLocked(i);
       Slot& s = At(i);
       SetOpLocked(i, SlotOp::kUnmapping);
-      // Errors cannot be reported from a destructor; the backend takes back
-      // whatever is left when it is destroyed.
-      (void)WaitFencesLocked(s);
-      (void)mapper->UnmapAllLocked(mu, i, s);
+      first.Update(WaitFencesLocked(s));
+      first.Update(mapper->UnmapAllLocked(
+          mu, i, s, ExtentMapper::OnCleanFailure::kQuarantine));
+      first.Update(mapper->RetryQuarantineLocked(mu, i, s).status());
       SetOpLocked(i, SlotOp::kNone);
     }
   }
+  const Tally left = totals;
   mu.Unlock();
+  absl::Status teardown;  // Errors that leave something behind.
   if (pool) {
-    (void)pool->DestroyIdle();
+    teardown.Update(pool->DestroyIdle());
     pool.reset();
   }
-  if (base != 0) (void)backend->Release(base, geo.reserved_bytes());
+  if (base != 0) teardown.Update(backend->Release(base, geo.reserved_bytes()));
+  first.Update(teardown);
+  if (left.quarantined > 0 || !teardown.ok()) {
+    std::fprintf(stderr,
+                 "vattn: ~KVCache could not give back %lld extent(s) "
+                 "(%lld bytes per tensor) to backend %s; the backend takes "
+                 "them back when it is destroyed. First error: %s\n",
+                 static_cast<long long>(left.quarantined),
+                 static_cast<long long>(left.quarantined_bytes),
+                 backend->capabilities().name.c_str(), first.ToString().c_str());
+  }
   mu.Lock();
 }
 
@@ -174,8 +192,25 @@ absl::StatusOr<std::vector<PhysicalHandle>> KVCache::Impl::AcquireHandles(
   }
 }
 
+std::int64_t KVCache::Impl::RetryQuarantinesLocked() {
+  if (totals.quarantined == 0) return 0;
+  for (int i = 0; i < opts.max_slots; ++i) {
+    Slot& s = At(i);
+    if (s.quarantine().empty() || s.busy()) continue;
+    SetOpLocked(i, SlotOp::kUnmapping);
+    absl::StatusOr<std::int64_t> freed = mapper->RetryQuarantineLocked(mu, i, s);
+    SetOpLocked(i, SlotOp::kNone);
+    if (freed.ok() && *freed > 0) return *freed;
+  }
+  return 0;
+}
+
 absl::StatusOr<std::int64_t> KVCache::Impl::ReclaimOne() {
   MutexLock lock(&mu);
+  // Quarantined extents that can now be unmapped are the first to go.
+  if (const std::int64_t freed = RetryQuarantinesLocked(); freed > 0) {
+    return freed;
+  }
   for (;;) {
     bool wait = false;
     const int victim = placement.ChooseVictim(
@@ -207,9 +242,15 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
   Slot& s = At(slot);
   const std::int64_t need = geo.BytesFor(tokens);
   const int backing_before = s.backing_extents();
+  // The lock is dropped below: another thread may free the slot meanwhile,
+  // and another request take it. This call serves only the request it
+  // found; the books it may roll back are that request's.
+  const std::uint64_t request = s.request();
+  const auto gone = [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return !s.active() || s.request() != request;
+  };
   while (s.backing_bytes() < need) {
-    // The lock is dropped below: another thread may free the slot meanwhile.
-    if (!s.active()) break;
+    if (gone()) break;
     if (s.busy()) {
       state_cv.Wait(&mu);
       continue;
@@ -221,20 +262,21 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
         geo.RoundUpToGranule(deficit));
     if (!status.ok()) {
       // Surplus adopted on the way goes back to being surplus (reclamation
-      // only ever takes extents past the backing ones).
-      if (s.active() &&
-          static_cast<std::size_t>(backing_before) <= s.extents().size()) {
+      // only ever takes extents past the backing ones, so they are there).
+      if (!gone()) {
         s.UnadoptTo(backing_before);
-        placement.OnExtentsChanged(slot, s.extents(), s.backing_extents());
+        BooksChangedLocked(slot);
       }
       return status;
     }
     ++stats.extents_mapped;
     if (mapped_here != nullptr) *mapped_here = true;
   }
-  if (!s.active()) {
+  if (gone()) {
     return absl::FailedPreconditionError(absl::StrFormat(
-        "slot %d was freed by another thread while it was being grown", slot));
+        "slot %d was freed (or taken by another request) while it was being "
+        "grown",
+        slot));
   }
   return absl::OkStatus();
 }
@@ -244,12 +286,37 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
 
 absl::Duration KVCache::Impl::IdleNap() {
   MutexLock lock(&mu);
+  if (const std::int64_t left = BackoffLeftLocked(); left > 0) {
+    return absl::Nanoseconds(left);
+  }
   return active_count > 0 ? kActivePoll : kIdlePoll;
+}
+
+void KVCache::Impl::NoteBackgroundFailureLocked(absl::Status status) {
+  ++stats.background_failures;
+  last_background_error = std::move(status);
+  backoff_nanos = std::clamp<std::int64_t>(2 * backoff_nanos, 1'000'000,
+                                           100'000'000);
+  backoff_until = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                      std::chrono::steady_clock::now().time_since_epoch())
+                      .count() +
+                  backoff_nanos;
+}
+
+std::int64_t KVCache::Impl::BackoffLeftLocked() const {
+  if (backoff_nanos == 0) return 0;
+  const std::int64_t now =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(
+          std::chrono::steady_clock::now().time_since_epoch())
+          .count();
+  return std::max<std::int64_t>(0, backoff_until - now);
 }
 
 bool KVCache::Impl::RunOnce() {
   MutexLock lock(&mu);
-  if (shutting_down || !background_error.ok()) return false;
+  // After a failure the thread leaves the work to the foreground for a
+  // while (IdleNap sleeps until the back-off ends).
+  if (shutting_down || BackoffLeftLocked() > 0) return false;
   if (MapAheadRoundLocked()) return true;
   return RefillPoolLocked();
 }
@@ -302,13 +369,15 @@ bool KVCache::Impl::MapAheadRoundLocked() {
     if (status.ok()) {
       ++stats.extents_mapped;
       ++stats.background_extents;
+      NoteBackgroundSuccessLocked();
       did = true;
       continue;
     }
-    // Out of budget: looking ahead is best effort; the foreground maps (or
-    // fails) when the memory is really needed. Anything else is sticky.
+    // Looking ahead is best effort: the foreground maps (or fails, with its
+    // own error) when the memory is really needed. Out of budget, stop until
+    // something changes; after a driver error, back off too.
     if (status.code() != absl::StatusCode::kResourceExhausted) {
-      SetBackgroundErrorLocked(status);
+      NoteBackgroundFailureLocked(status);
     }
     return false;
   }
@@ -328,7 +397,7 @@ bool KVCache::Impl::RefillPoolLocked() {
     return *made > 0;
   }
   if (made.status().code() != absl::StatusCode::kResourceExhausted) {
-    SetBackgroundErrorLocked(made.status());
+    NoteBackgroundFailureLocked(made.status());
   }
   return false;
 }

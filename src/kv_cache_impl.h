@@ -58,7 +58,8 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
         geo(std::move(g)),
         worker(o.max_slots),
         slots(static_cast<std::size_t>(o.max_slots)),
-        placement(o.max_slots) {}
+        placement(o.max_slots),
+        tallies(static_cast<std::size_t>(o.max_slots)) {}
 
   absl::Status Init();
   void Shutdown();
@@ -113,8 +114,35 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
       ++stats.adopted_extents;
       adopted = true;
     }
-    if (adopted) placement.OnExtentsChanged(slot, s.extents(), s.backing_extents());
+    if (adopted) BooksChangedLocked(slot);
     return adopted;
+  }
+  // The slot's extents, quarantine, backing or state changed: tells
+  // placement and keeps the totals Stats() reports (O(1) there).
+  void BooksChangedLocked(int slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    Slot& s = At(slot);
+    placement.OnExtentsChanged(slot, s.extents(), s.backing_extents());
+    Tally now;
+    now.mapped = s.mapped_bytes();
+    now.surplus = s.active() ? s.surplus_bytes() : 0;
+    now.idle_with_memory = !s.active() && !s.extents().empty() ? 1 : 0;
+    now.quarantined = static_cast<std::int64_t>(s.quarantine().size());
+    for (const QuarantinedExtent& q : s.quarantine()) {
+      now.quarantined_bytes += q.extent.bytes;
+    }
+    Tally& was = tallies[static_cast<std::size_t>(slot)];
+    totals.mapped += now.mapped - was.mapped;
+    totals.surplus += now.surplus - was.surplus;
+    totals.idle_with_memory += now.idle_with_memory - was.idle_with_memory;
+    totals.quarantined += now.quarantined - was.quarantined;
+    totals.quarantined_bytes += now.quarantined_bytes - was.quarantined_bytes;
+    was = now;
+  }
+  // Sets an active slot's length, keeping the logical total.
+  void SetLengthLocked(Slot& s, std::int64_t tokens)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    active_tokens.fetch_add(tokens - s.length(), std::memory_order_relaxed);
+    s.set_length(tokens);
   }
 
   // ExtentMapperOwner.
@@ -125,9 +153,9 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
       ABSL_NO_THREAD_SAFETY_ANALYSIS {  // The mapper holds mu.
     placement.OnSlotOp(slot, s.op());
   }
-  void SlotExtentsChanged(int slot, const Slot& s) override
+  void SlotExtentsChanged(int slot, const Slot&) override
       ABSL_NO_THREAD_SAFETY_ANALYSIS {  // The mapper holds mu.
-    placement.OnExtentsChanged(slot, s.extents(), s.backing_extents());
+    BooksChangedLocked(slot);
   }
 
   // ---- Mapping and reclamation --------------------------------------------
@@ -138,6 +166,10 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
   absl::Status EnsureBackedLocked(int slot, std::int64_t tokens,
                                   bool* mapped_here)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Retries every quarantined extent of slots that are not busy; returns
+  // the bytes per region of the first extent it gave back to the pool (0
+  // when none).
+  std::int64_t RetryQuarantinesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // Takes the last extent of the slot placement chooses back into the pool
   // and returns its size per region; 0 when no slot can give memory.
   absl::StatusOr<std::int64_t> ReclaimOne() ABSL_LOCKS_EXCLUDED(mu);
@@ -199,12 +231,19 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
   Slot& FastPathSlot(int slot) ABSL_NO_THREAD_SAFETY_ANALYSIS {
     return slots[static_cast<std::size_t>(slot)];
   }
-  void SetBackgroundErrorLocked(absl::Status status)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    if (!background_error.ok()) return;
-    background_error = std::move(status);
-    has_background_error.store(true, std::memory_order_release);
+  // Step's input, checked before anything changes: slots and token counts
+  // in range, no slot twice. Errors name the request's index.
+  absl::Status CheckBatch(absl::Span<const StepRequest> batch) const;
+  // A background attempt failed: counted, remembered for
+  // WaitForBackgroundIdle, and the thread backs off (1 ms doubling to
+  // 100 ms; a success resets it). No other call sees the error.
+  void NoteBackgroundFailureLocked(absl::Status status)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  void NoteBackgroundSuccessLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    backoff_nanos = 0;
   }
+  // Nanoseconds the thread still backs off for (0: not backing off).
+  std::int64_t BackoffLeftLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
 
   // ---- Constant after construction ----------------------------------------
   const KVCacheOptions opts;
@@ -225,9 +264,22 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
   int active_count ABSL_GUARDED_BY(mu) = 0;
   CacheStats stats ABSL_GUARDED_BY(mu);  // Counters; the rest is derived.
   bool shutting_down ABSL_GUARDED_BY(mu) = false;
-  absl::Status background_error ABSL_GUARDED_BY(mu);
-  // Set with background_error, so Step's fast path can see it lock-free.
-  std::atomic<bool> has_background_error{false};
+  // The last background failure since WaitForBackgroundIdle last looked.
+  absl::Status last_background_error ABSL_GUARDED_BY(mu);
+  std::int64_t backoff_nanos ABSL_GUARDED_BY(mu) = 0;
+  std::int64_t backoff_until ABSL_GUARDED_BY(mu) = 0;  // Steady clock, ns.
+  // Each slot's share of the totals, as BooksChangedLocked last counted it.
+  struct Tally {
+    std::int64_t mapped = 0;  // Per region, as the rest.
+    std::int64_t surplus = 0;
+    std::int64_t idle_with_memory = 0;
+    std::int64_t quarantined = 0;
+    std::int64_t quarantined_bytes = 0;
+  };
+  std::vector<Tally> tallies ABSL_GUARDED_BY(mu);
+  Tally totals ABSL_GUARDED_BY(mu);
+  // Sum of the slots' lengths (Step's fast path adds to it without mu).
+  std::atomic<std::int64_t> active_tokens{0};
   std::atomic<std::int64_t> step_calls{0};
 };
 

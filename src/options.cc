@@ -113,10 +113,38 @@ absl::Status KVCacheOptions::Validate() const {
         "KVCacheOptions.prealloc_handles must be >= 0, got %d",
         prealloc_handles));
   }
-  if (map_ahead_tokens < 0) {
+  // The look-ahead is added to a length (at most max_tokens, below 2^60):
+  // bound it so the sum cannot overflow.
+  constexpr std::int64_t kMaxLookAhead = std::int64_t{1} << 60;
+  if (map_ahead_tokens < 0 || map_ahead_tokens > kMaxLookAhead) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "KVCacheOptions.map_ahead_tokens must be >= 0, got %d",
+        "KVCacheOptions.map_ahead_tokens must be in [0, 2^60], got %d",
         map_ahead_tokens));
+  }
+  // The decode extent cap in bytes: max_extent_tokens x bytes per token
+  // (all layers, K and V; each tensor's share is smaller).
+  const long double cap_bytes =
+      static_cast<long double>(max_extent_tokens) * num_layers * 2 *
+      num_kv_heads * head_dim * static_cast<long double>(DTypeSize(dtype));
+  if (max_extent_bytes == 0 && cap_bytes > static_cast<long double>(kMaxBytes)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KVCacheOptions.max_extent_tokens (%d) x %d bytes per token = %.3Le "
+        "bytes is beyond any address space (at most 2^60)",
+        max_extent_tokens,
+        static_cast<std::int64_t>(num_layers) * 2 * num_kv_heads * head_dim *
+            static_cast<std::int64_t>(DTypeSize(dtype)),
+        cap_bytes));
+  }
+  // Handles created up front: their total must be computable (Create checks
+  // it against the budget). 0 bytes means one granule: always small enough.
+  const long double prealloc_total =
+      static_cast<long double>(prealloc_handles) *
+      static_cast<long double>(prealloc_handle_bytes);
+  if (prealloc_total > static_cast<long double>(kMaxBytes)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KVCacheOptions.prealloc_handles (%d) x prealloc_handle_bytes (%d) = "
+        "%.3Le bytes is beyond any address space (at most 2^60)",
+        prealloc_handles, prealloc_handle_bytes, prealloc_total));
   }
   if (pool_low_water < 0 || pool_high_water < pool_low_water) {
     return absl::InvalidArgumentError(absl::StrFormat(

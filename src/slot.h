@@ -23,6 +23,15 @@ struct Extent {
   absl::InlinedVector<PhysicalHandle, 2> handles;
 };
 
+// An extent whose mapping state a failed unmap (or failed rollback) left
+// unknown: `mapped[r]` says whether region r may still be mapped. It backs
+// nothing and blocks its range until every region is unmapped; then its
+// handles go back to the pool.
+struct QuarantinedExtent {
+  Extent extent;
+  std::vector<char> mapped;  // Per region.
+};
+
 // A slot holds a request (kActive) or not (kIdle); an idle slot may still
 // hold the extents its last request left (deferred reclamation).
 enum class SlotState : std::uint8_t { kIdle, kActive };
@@ -36,7 +45,7 @@ enum class SlotOp : std::uint8_t {
   kZeroing,    // zero_on_reuse, or waiting on the slot's fences first.
 };
 
-// A field Step's fast path reads (and, for length/written, writes) without
+// A field Step's fast path reads (and, for the length, writes) without
 // the cache lock. Other writers hold the lock; the release store after an
 // extent is committed lets a lock-free reader that sees the new size rely on
 // the mapping behind it.
@@ -69,14 +78,8 @@ class alignas(64) Slot {
   std::int64_t length() const { return length_.Get(); }
   std::int64_t hint() const { return hint_.Get(); }
   std::int64_t backing_bytes() const { return backing_bytes_.Get(); }
-  // The request wrote (may have written) its memory: zero_on_reuse must
-  // clear it before the next request.
-  bool written() const { return written_.Get(); }
   // Step raises its own slots' lengths without the lock.
   void set_length(std::int64_t tokens) { length_.Set(tokens); }
-  void mark_written() {
-    if (!written_.Get()) written_.Set(true);
-  }
 
   // ---- Under the cache lock.
   SlotState state() const { return state_.Get(); }
@@ -91,6 +94,18 @@ class alignas(64) Slot {
   }
   const std::vector<Extent>& extents() const { return extents_; }
   std::vector<FenceId>& fences() { return fences_; }
+  std::vector<QuarantinedExtent>& quarantine() { return quarantine_; }
+  const std::vector<QuarantinedExtent>& quarantine() const {
+    return quarantine_;
+  }
+  // Some request may have written the slot's memory since it was last
+  // cleared: every request that was handed backed tokens (by its hint, a
+  // Grow, a Step or the map-ahead thread) counts, written or not, so
+  // zero_on_reuse clears it before the next request.
+  bool written() const { return written_; }
+  // Changes each time a request takes the slot, so a thread that dropped
+  // the lock can tell that the request it served has gone.
+  std::uint64_t request() const { return request_; }
 
   // A new request takes the slot: it backs the extents up to the one that
   // covers `backed_bytes` (an extent cannot be split).
@@ -103,13 +118,15 @@ class alignas(64) Slot {
     }
     backing_extents_ = n;
     backing_bytes_.Set(bytes);
-    written_.Set(false);
+    written_ = false;  // AllocSlot cleared it first when it had to.
+    ++request_;
     length_.Set(0);
     hint_.Set(hint);
     state_.Set(SlotState::kActive);
   }
   // The request ended: every extent counts as backing again.
   void Deactivate() {
+    if (backing_bytes() > 0) written_ = true;
     state_.Set(SlotState::kIdle);
     length_.Set(0);
     hint_.Set(0);
@@ -167,16 +184,18 @@ class alignas(64) Slot {
  private:
   // ---- Step's fast path.
   LockFree<SlotState> state_;
-  LockFree<bool> written_;
   LockFree<std::int64_t> length_;  // Logical tokens.
   LockFree<std::int64_t> hint_;    // AllocSlot's expected_tokens.
   LockFree<std::int64_t> backing_bytes_;
   // ---- The cache lock.
   SlotOp op_ = SlotOp::kNone;
+  bool written_ = false;
+  std::uint64_t request_ = 0;
   int backing_extents_ = 0;
   std::int64_t mapped_bytes_ = 0;
   std::vector<Extent> extents_;  // In offset order.
   std::vector<FenceId> fences_;  // GPU work that may still read the memory.
+  std::vector<QuarantinedExtent> quarantine_;
 };
 
 }  // namespace vattn

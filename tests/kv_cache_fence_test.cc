@@ -54,6 +54,10 @@ class ManualFenceBackend : public BackendWrapper {
     internal::MutexLock lock(&mu_);
     return violations_;
   }
+  Stream last_stream() {
+    internal::MutexLock lock(&mu_);
+    return last_stream_;
+  }
   std::vector<FenceId> pending() {
     internal::MutexLock lock(&mu_);
     std::vector<FenceId> out;
@@ -82,8 +86,9 @@ class ManualFenceBackend : public BackendWrapper {
     }
     return BackendWrapper::DoZero(va, bytes);
   }
-  absl::StatusOr<FenceId> DoRecordFence(Stream) override {
+  absl::StatusOr<FenceId> DoRecordFence(Stream stream) override {
     internal::MutexLock lock(&mu_);
+    last_stream_ = stream;
     const FenceId id = next_++;
     fences_[id] = Fence{watch_begin_, watch_end_, false};
     return id;
@@ -123,6 +128,7 @@ class ManualFenceBackend : public BackendWrapper {
   DevicePtr watch_end_ ABSL_GUARDED_BY(mu_) = 0;
   int waits_ ABSL_GUARDED_BY(mu_) = 0;
   int violations_ ABSL_GUARDED_BY(mu_) = 0;
+  Stream last_stream_ ABSL_GUARDED_BY(mu_) = Stream::PerThread();
 };
 
 class FenceTest : public ::testing::Test {
@@ -270,6 +276,49 @@ TEST_F(FenceTest, WithoutDeferralFreeWaitsThenUnmaps) {
   EXPECT_EQ(backend_->waits(), 1);
   VATTN_ASSERT_OK_AND_ASSIGN(SlotInfo info, cache_->GetSlot(a));
   EXPECT_EQ(info.mapped_bytes, 0);
+  cache_.reset();
+  EXPECT_TRUE(backend_->counters().Empty());
+}
+
+// Free without a stream is safe by default: it fences the legacy default
+// stream, so a kernel still reading the slot keeps it mapped.
+TEST_F(FenceTest, FreeWithoutAStreamFencesTheLegacyDefaultStream) {
+  ASSERT_NO_FATAL_FAILURE(Make());
+  VATTN_ASSERT_OK_AND_ASSIGN(int a, cache_->AllocSlot(512));
+  VATTN_ASSERT_OK(cache_->Grow(a, 512));
+  VATTN_ASSERT_OK_AND_ASSIGN(int b, cache_->AllocSlot(512));
+  VATTN_ASSERT_OK(cache_->Grow(b, 512));  // The budget is full.
+  WatchSlot(a);
+  VATTN_ASSERT_OK(cache_->Free(a));
+  ASSERT_EQ(backend_->pending().size(), 1u) << "no fence recorded";
+  EXPECT_TRUE(backend_->last_stream().is_legacy());
+  VATTN_ASSERT_OK(cache_->Grow(b, 1024));  // Needs a's memory: waits.
+  EXPECT_EQ(backend_->violations(), 0);
+  EXPECT_EQ(backend_->waits(), 1);
+  // std::nullopt means the same.
+  VATTN_ASSERT_OK_AND_ASSIGN(int c, cache_->AllocSlot(0));
+  VATTN_ASSERT_OK(cache_->Free(c, std::optional<Stream>()));
+  EXPECT_TRUE(backend_->last_stream().is_legacy());
+  cache_.reset();
+  EXPECT_TRUE(backend_->counters().Empty());
+}
+
+// kNoFence: the caller synchronised; nothing is recorded and reclamation
+// does not wait.
+TEST_F(FenceTest, FreeWithNoFenceRecordsNothing) {
+  ASSERT_NO_FATAL_FAILURE(Make());
+  VATTN_ASSERT_OK_AND_ASSIGN(int a, cache_->AllocSlot(512));
+  VATTN_ASSERT_OK(cache_->Grow(a, 512));
+  VATTN_ASSERT_OK_AND_ASSIGN(int b, cache_->AllocSlot(512));
+  VATTN_ASSERT_OK(cache_->Grow(b, 512));
+  WatchSlot(a);
+  VATTN_ASSERT_OK(cache_->Free(a, kNoFence));
+  EXPECT_TRUE(backend_->pending().empty());
+  VATTN_ASSERT_OK(cache_->Grow(b, 1024));
+  EXPECT_EQ(backend_->waits(), 0);
+  EXPECT_EQ(cache_->Stats().fence_waits, 0);
+  VATTN_EXPECT_CODE(cache_->Free(a, kNoFence),
+                    absl::StatusCode::kFailedPrecondition);
   cache_.reset();
   EXPECT_TRUE(backend_->counters().Empty());
 }

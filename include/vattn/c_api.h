@@ -221,13 +221,21 @@ VATTN_EXPORT int vattn_cache_shrink(vattn_cache* cache, int slot,
                                     int64_t tokens);
 
 /* Ends the slot's request; its memory stays mapped for the next request
- * placed there (unless defer_reclaim is off). With has_fence non-zero, a
- * fence is recorded on `stream` (a CUstream; NULL is the legacy default
- * stream) and the memory is never unmapped before the work queued there has
- * finished; with has_fence 0, `stream` is ignored. InvalidArgument: NULL
- * cache or bad slot. FailedPrecondition: the slot is not active. */
+ * placed there (unless defer_reclaim is off), and is never unmapped before
+ * a fence recorded here has completed. With has_fence non-zero the fence is
+ * recorded on `stream` (a CUstream; NULL is the legacy default stream);
+ * with has_fence 0, `stream` is ignored and the fence is recorded on the
+ * legacy default stream, which waits for the work queued on every blocking
+ * stream (safe by default; work on non-blocking streams needs its stream).
+ * Backends without streams keep no fence. InvalidArgument: NULL cache or
+ * bad slot. FailedPrecondition: the slot is not active. */
 VATTN_EXPORT int vattn_cache_free(vattn_cache* cache, int slot,
                                   void* stream, int has_fence);
+
+/* As vattn_cache_free, but records no fence: for callers that have
+ * synchronised their streams themselves (the memory may be unmapped at
+ * once). Errors as vattn_cache_free's. */
+VATTN_EXPORT int vattn_cache_free_no_fence(vattn_cache* cache, int slot);
 
 /* One active request of a decode step: after vattn_cache_step succeeds, the
  * slot is backed to, and has its length set to, `tokens` (counting the

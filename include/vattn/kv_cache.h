@@ -32,8 +32,10 @@ namespace vattn {
 // A strided 4-D view of one layer's K or V for every slot:
 // shape = {max_slots, max_tokens, num_kv_heads, head_dim}; element
 // (b, t, h, d) is at data + (b*strides[0] + t*strides[1] + h*strides[2] +
-// d*strides[3]) * DTypeSize(dtype) bytes. Only tokens a Grow has backed may
-// be touched. `data` is a device address for device backends.
+// d*strides[3]) * DTypeSize(dtype) bytes. A request may touch only its own
+// slot's backed tokens: [0, SlotInfo::backed_tokens), which AllocSlot's hint,
+// Grow, Step and the map-ahead thread extend (never shrink while the slot is
+// active). `data` is a device address for device backends.
 struct TensorView {
   void* data = nullptr;
   DType dtype = DType::kFloat16;
@@ -51,8 +53,8 @@ struct TensorView {
 };
 
 // One active request of the coming decode step: after Step returns OK, the
-// slot is backed (and its length set) to `tokens`, which counts the tokens
-// the step writes.
+// slot is backed to `tokens` and its length is `tokens`, which counts the
+// tokens the step writes; `tokens` may not be below the slot's length.
 struct StepRequest {
   int slot = 0;
   std::int64_t tokens = 0;
@@ -69,7 +71,10 @@ struct StepResult {
 struct SlotInfo {
   bool active = false;
   std::int64_t length = 0;         // Logical tokens.
-  std::int64_t backed_tokens = 0;  // Tokens that may be touched.
+  // Tokens [0, backed_tokens) of the slot may be read and written by the
+  // request (see TensorView); with zero_on_reuse, all of them are cleared
+  // before another request is placed in the slot.
+  std::int64_t backed_tokens = 0;
   std::int64_t mapped_bytes = 0;   // Physical bytes mapped, all tensors.
   // Of mapped_bytes, those backing the request (the rest is surplus an
   // earlier request left in the slot; see CacheStats::surplus_bytes).
@@ -77,10 +82,33 @@ struct SlotInfo {
   int extents = 0;
 };
 
+// Tag for KVCache::Free: the caller has made sure that no GPU work still
+// reads the slot (it synchronised the streams itself), so no fence is
+// recorded and reclamation may unmap the memory at once.
+struct NoFence {
+  explicit constexpr NoFence() = default;
+};
+inline constexpr NoFence kNoFence{};
+
 // Owns a virtual reservation on a backend (shared with the caller), the
 // physical handles mapped into it, and (with map_ahead_tokens > 0) one
 // background thread; destroying the cache waits for fenced GPU work, then
-// unmaps, destroys and releases everything. Every method is thread-safe.
+// unmaps, destroys and releases everything it can (see ~KVCache). Every
+// method is thread-safe.
+//
+// Errors go to the calls they affect. A driver failure is returned by the
+// call that made the driver call, or that needed its result: the map-ahead
+// thread never fails a later call. When the thread cannot map ahead (a
+// driver error, or no memory), it counts the failure
+// (CacheStats::background_failures), backs off (1 ms doubling to 100 ms,
+// reset by a success) and leaves the slot to the foreground: the next Step
+// or Grow that needs the memory maps it on the caller's thread (a miss) and
+// returns that mapping's own error if it fails too. An extent whose mapping
+// state a failure left unknown (an unmap, and the mapping back, both failed)
+// is quarantined: never handed to a request nor counted as backed, its
+// unmap retried on later calls, counted in CacheStats::quarantined_*; a
+// slot whose range it blocks returns the unmap's error to its Grow/Step
+// until the retry succeeds.
 class VATTN_EXPORT KVCache {
  public:
   // InvalidArgument: options fail Validate(), the backend is null, or the
@@ -89,6 +117,12 @@ class VATTN_EXPORT KVCache {
   // or of pre-creating handles (nothing is left behind).
   static absl::StatusOr<std::unique_ptr<KVCache>> Create(
       const KVCacheOptions& options, std::shared_ptr<Backend> backend);
+  // Joins the background thread, waits for every fence, then unmaps every
+  // extent, destroys every handle and releases the reservation. A failed
+  // unmap does not stop it: every other extent is still returned and the
+  // failed ones retried once; what still cannot be returned is reported on
+  // stderr (one line with the counts) and left to the backend, which takes
+  // it back when it is destroyed (see Backend's Lifetime contract).
   ~KVCache();
   KVCache(const KVCache&) = delete;
   KVCache& operator=(const KVCache&) = delete;
@@ -114,20 +148,39 @@ class VATTN_EXPORT KVCache {
   absl::Status Shrink(int slot, std::int64_t tokens);
 
   // Ends the slot's request. Its memory stays mapped (unless defer_reclaim is
-  // off) for the next request placed there. With a fence stream, a fence is
-  // recorded on it and the slot's memory is never unmapped before the work
-  // queued there has finished. With defer_reclaim off, Free unmaps the
-  // slot's extents at once (waiting for the fence first); if an unmap fails
-  // the slot is freed all the same, the error is returned, and the memory
-  // stays mapped until it is reclaimed. InvalidArgument: bad slot.
-  // FailedPrecondition: the slot is not active (double Free).
-  absl::Status Free(int slot, std::optional<Stream> fence = std::nullopt);
+  // off) for the next request placed there, and is never unmapped or
+  // zeroed before a fence recorded here has completed:
+  //  - Free(slot) records the fence on the legacy default stream
+  //    (Stream{}): it completes once the work queued before it on that
+  //    stream and on every blocking stream of the context has finished (the
+  //    legacy stream's implicit synchronisation). Safe by default; work on
+  //    non-blocking streams or per-thread default streams is not covered:
+  //    pass that stream instead. Backends without streams (Host) have
+  //    nothing to wait for and keep no fence.
+  //  - Free(slot, stream) records it on `stream`.
+  //  - Free(slot, kNoFence) records none: for callers that synchronise
+  //    themselves; the memory may be unmapped at once.
+  //  - Free(slot, std::optional<Stream>) is Free(slot, *fence), or
+  //    Free(slot) for std::nullopt.
+  // With defer_reclaim off, Free unmaps the slot's extents at once (waiting
+  // for the fence first); if an unmap fails the slot is freed all the same,
+  // the error is returned, and the memory stays mapped until it is
+  // reclaimed. InvalidArgument: bad slot. FailedPrecondition: the slot is
+  // not active (double Free). Also the backend's RecordFence errors (then
+  // nothing changed).
+  absl::Status Free(int slot);
+  absl::Status Free(int slot, Stream fence);
+  absl::Status Free(int slot, NoFence);
+  absl::Status Free(int slot, std::optional<Stream> fence);
 
   // Prepares one decode step: every listed slot is backed to, and has its
   // length set to, its `tokens`. When the map-ahead thread kept up this is
-  // bookkeeping only; slots it had to map count as misses. Errors as Grow's,
-  // for the first failing request; requests before it stay grown. Also
-  // returns the background thread's sticky error, if it had one.
+  // bookkeeping only (no lock); slots it had to map count as misses.
+  // Checked before anything changes, with the request's index in the
+  // message: InvalidArgument for a bad slot, tokens < 0, tokens below the
+  // slot's length, or a slot listed twice; OutOfRange above max_tokens;
+  // FailedPrecondition for a slot that is not active. Mapping errors as
+  // Grow's, for the first failing request; requests before it stay grown.
   absl::StatusOr<StepResult> Step(absl::Span<const StepRequest> batch);
 
   // Views of layer `layer`'s K and V for all slots. An empty view (data ==
@@ -144,7 +197,9 @@ class VATTN_EXPORT KVCache {
   // Bytes of K and V, all layers, of one token.
   std::int64_t bytes_per_token() const;
   // Blocks until the map-ahead thread has nothing left to do (for tests and
-  // benchmarks). Returns its sticky error, if any.
+  // benchmarks). Returns the error of the thread's last failed attempt since
+  // the previous call (then forgets it), else OK; the thread's failures
+  // never fail other calls.
   absl::Status WaitForBackgroundIdle();
 
  private:

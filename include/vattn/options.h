@@ -107,10 +107,12 @@ struct KVCacheOptions {
   int pool_high_water = 0;
 
   // InvalidArgument naming the first bad field: a non-positive shape field
-  // or max_extent_tokens,
-  // an enum value outside its type, a byte size above 2^60, products that
-  // overflow the address space, min_extent_bytes above max_extent_bytes,
-  // negative counts, or pool_low_water above pool_high_water.
+  // or max_extent_tokens, an enum value outside its type, a byte size above
+  // 2^60, products above 2^60 bytes (the whole cache; max_extent_tokens x
+  // bytes per token; prealloc_handles x prealloc_handle_bytes),
+  // map_ahead_tokens outside [0, 2^60], min_extent_bytes above
+  // max_extent_bytes, negative counts, or pool_low_water above
+  // pool_high_water.
   absl::Status Validate() const;
 };
 

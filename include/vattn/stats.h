@@ -13,7 +13,8 @@ namespace vattn {
 
 struct CacheStats {
   // ---- Memory now (bytes) ----------------------------------------------
-  std::int64_t physical_bytes = 0;  // Live handles: mapped plus pooled.
+  std::int64_t physical_bytes = 0;  // Live handles: mapped, pooled and
+                                    // quarantined.
   std::int64_t pooled_bytes = 0;    // Live handles mapped nowhere.
   std::int64_t mapped_bytes = 0;    // Mapped into slots (active and idle).
   // Mapped into active slots beyond what their requests have adopted: left
@@ -44,6 +45,16 @@ struct CacheStats {
   std::int64_t reclaimed_extents = 0;
   std::int64_t fence_waits = 0;        // Reclamation waited on GPU work.
   std::int64_t zeroed_bytes = 0;       // zero_on_reuse work.
+
+  // ---- Faults ----------------------------------------------------------------
+  // Extents whose mapping state a failed unmap (and failed rollback) left
+  // unknown: held apart, never backing a request, their unmap retried on
+  // later calls. Their bytes count in physical_bytes, not in mapped_bytes.
+  std::int64_t quarantined_extents = 0;
+  std::int64_t quarantined_bytes = 0;
+  // Map-ahead attempts (look-ahead maps, pool refills) that failed; the
+  // thread backs off and the foreground maps what it needs itself.
+  std::int64_t background_failures = 0;
 
   // ---- Step and map-ahead ----------------------------------------------------
   std::int64_t step_calls = 0;
