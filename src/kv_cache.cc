@@ -106,9 +106,13 @@ absl::StatusOr<int> KVCache::Impl::AllocSlotLocked(std::int64_t expected_tokens,
   const std::int64_t want =
       geo.BytesFor(std::max<std::int64_t>(1, expected_tokens));
   // What the extent covering the hint holds beyond it is waste for the
-  // request's life, but the request usually decodes into it: waste up to
-  // the hint's own size (or one decode extent) is accepted.
-  const std::int64_t waste_limit = std::max(geo.max_extent(), want);
+  // request's life (ReuseWasteLimit says how much is accepted). Memory is
+  // short when the hint cannot be backed without taking memory back.
+  const PhysicalPool::Counters held = pool->counters();
+  const bool memory_short =
+      budget - held.physical_bytes + held.idle_bytes < want * geo.num_regions();
+  const std::int64_t waste_limit = ReuseWasteLimit(
+      want, geo.max_extent(), geo.granularity(), memory_short);
   int best = -1;
   for (;;) {
     bool wait = false;

@@ -12,6 +12,9 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "tests/support/test_support.h"
+#include "vattn/backend.h"
+#include "vattn/kv_cache.h"
 
 namespace vattn {
 namespace {
@@ -421,6 +424,51 @@ TEST(PlacementTest, BeyondTheProbesTheLeastHoldingCandidatesAreAsked) {
   Idle(q, 1, {10, 100});
   Idle(q, 2, {2});
   EXPECT_EQ(q.ChooseSlotFor(10 * kG, 4 * kG, &wait), 1);
+}
+
+// Through the cache: a slot a long request left (one 12-granule extent) is
+// offered to a request of 8 granules. With memory to spare it is reused (no
+// driver call; the request will likely decode into the excess). When the
+// budget cannot back the hint without taking memory back, 4 granules of
+// excess would sit idle while others wait: the request takes a fresh slot,
+// and its Grow takes the long request's memory back.
+int PlaceAfterALongRequest(std::size_t budget_granules, CacheStats* calls) {
+  auto host = MakeHostBackend();
+  EXPECT_TRUE(host.ok());
+  KVCacheOptions o;
+  o.num_layers = 1;
+  o.num_kv_heads = 8;
+  o.head_dim = 128;  // 4 KiB per token: a 2 MiB granule holds 512 tokens.
+  o.max_extent_bytes = 2 * kG;
+  o.max_slots = 2;
+  o.max_tokens = 64 * 512;
+  o.memory_budget_bytes = budget_granules * kG;
+  auto cache = KVCache::Create(o, *host);
+  EXPECT_TRUE(cache.ok()) << cache.status();
+  if (!cache.ok()) return -2;
+  KVCache& c = **cache;
+  auto a = c.AllocSlot(12 * 512);
+  EXPECT_TRUE(a.ok());
+  EXPECT_TRUE(c.Grow(*a, 12 * 512).ok());
+  EXPECT_TRUE(c.Free(*a).ok());
+  const CacheStats before = c.Stats();
+  auto b = c.AllocSlot(8 * 512);
+  EXPECT_TRUE(b.ok());
+  EXPECT_TRUE(c.Grow(*b, 8 * 512).ok());
+  const CacheStats after = c.Stats();
+  calls->map_calls = after.map_calls - before.map_calls;
+  calls->unmap_calls = after.unmap_calls - before.unmap_calls;
+  return *b == *a ? 1 : 0;
+}
+
+TEST(KVCachePlacementTest, ReusesALargeSlotOnlyWithMemoryToSpare) {
+  CacheStats calls;
+  EXPECT_EQ(PlaceAfterALongRequest(64, &calls), 1);
+  EXPECT_EQ(calls.map_calls, 0);
+  EXPECT_EQ(PlaceAfterALongRequest(16, &calls), 0)
+      << "memory is short: the 8-granule request must not take 12";
+  EXPECT_EQ(calls.unmap_calls, 1) << "the long request's extent comes back";
+  EXPECT_EQ(calls.map_calls, 1);
 }
 
 }  // namespace
