@@ -277,6 +277,31 @@ void ImportArrays(nb::handle slots_obj, nb::handle tokens_obj, IntArray& slots,
 void ReadArrays(const IntArray& slots, const IntArray& tokens, std::vector<StepRequest>& out) {
   const std::size_t n = slots.shape(0);
   out.resize(n);
+  // The common case in one tight loop: int64 (or int32) slots and int64
+  // tokens, both contiguous.
+  if (tokens.dtype() == nb::dtype<std::int64_t>() && tokens.stride(0) == 1 &&
+      slots.stride(0) == 1) {
+    const auto* t = static_cast<const std::int64_t*>(tokens.data());
+    StepRequest* o = out.data();
+    if (slots.dtype() == nb::dtype<std::int64_t>()) {
+      const auto* sp = static_cast<const std::int64_t*>(slots.data());
+      bool fits = true;
+      for (std::size_t i = 0; i < n; ++i) {
+        fits &= sp[i] >= INT_MIN && sp[i] <= INT_MAX;
+        o[i].slot = static_cast<int>(sp[i]);
+        o[i].tokens = t[i];
+      }
+      if (fits) return;
+    } else if (slots.dtype() == nb::dtype<std::int32_t>()) {
+      const auto* sp = static_cast<const std::int32_t*>(slots.data());
+      for (std::size_t i = 0; i < n; ++i) {
+        o[i].slot = sp[i];
+        o[i].tokens = t[i];
+      }
+      return;
+    }
+    // A slot out of int's range: the general path below names it.
+  }
   ForEachInt(slots, n, [&](std::size_t i, std::int64_t v) { out[i].slot = ToSlot(v, i); });
   ForEachInt(tokens, n, [&](std::size_t i, std::int64_t v) { out[i].tokens = v; });
 }

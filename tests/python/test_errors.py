@@ -80,6 +80,8 @@ TABLE = [
     ("step not a sequence", lambda c, a, f: c.step(5), TypeError, TypeError, "sequence"),
     ("step tensors differ", lambda c, a, f: c.step(torch.tensor([a]), torch.tensor([3, 4])),
      vattn.InvalidArgumentError, ValueError, "1 slots but 2"),
+    ("step tensor huge slot", lambda c, a, f: c.step(torch.tensor([2**40]), torch.tensor([3])),
+     vattn.InvalidArgumentError, ValueError, "batch[0]"),
     ("step float tensors", lambda c, a, f: c.step(torch.tensor([0.0]), torch.tensor([3.0])),
      TypeError, TypeError, "integer"),
     ("step 2-D tensors", lambda c, a, f: c.step(torch.zeros(1, 1, dtype=torch.long),
