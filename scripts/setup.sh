@@ -26,6 +26,11 @@ PACKAGES=(
   libgmock-dev
   libbenchmark-dev
   libclang-rt-dev
+  # Python tests (make test-python): venv, pip and the headers the nanobind
+  # extension compiles against. torch and the rest come from PyPI.
+  python3-dev
+  python3-venv
+  python3-pip
 )
 
 missing=()
