@@ -29,9 +29,12 @@
 //  * Failure. A call that returns an error changes nothing: counters, live
 //    objects and memory are exactly as before the call. Out of memory (device
 //    memory, or the Host backend's physical limit) is ResourceExhausted;
-//    a missing driver or device is Unavailable; a driver's "invalid value"
-//    is InvalidArgument; any other driver or OS error is Internal. Driver
-//    errors name the call, file:line and the driver's error name.
+//    a missing driver or device is Unavailable; a call the driver refuses
+//    during a CUDA graph capture is FailedPrecondition; any other driver or
+//    OS error is Internal, the driver's "invalid value" included (the
+//    arguments were checked here first, so it is vattn's bug or a device
+//    property, not the caller's). Driver errors name the call, file:line
+//    and the driver's error name.
 //  * Threads. Every method may be called from any thread at any time. Calls
 //    on disjoint objects run concurrently as far as the driver allows (the
 //    CUDA driver serializes mapping internally); calls racing on the same
@@ -98,6 +101,11 @@ struct BackendCapabilities {
   std::size_t max_reservation_bytes = 0;  // Largest single Reserve accepted.
   std::size_t physical_memory_bytes = 0;  // Memory Create can hand out in all
                                           // (device total, Host limit).
+  // The budget a KVCache takes when KVCacheOptions.memory_budget_bytes is 0;
+  // 0 here means physical_memory_bytes. The CUDA backend sets it to the
+  // device's free memory when it was made, less a margin (MakeCudaBackend);
+  // the Host backend leaves it 0; wrappers take their inner backend's.
+  std::size_t default_budget_bytes = 0;
   bool host_accessible = false;  // Addresses may be dereferenced on the CPU.
   bool has_streams = false;      // Fences wait for real asynchronous work.
 };
@@ -254,6 +262,18 @@ VATTN_EXPORT absl::StatusOr<std::shared_ptr<Backend>> MakeHostBackend(
 // CUDA backend: the driver's virtual-memory API for one device. libcuda.so.1
 // is loaded at run time: on a machine without a driver or device this returns
 // Unavailable with the reason, and the program still starts.
+//  * Default budget: capabilities().default_budget_bytes is the device's free
+//    memory at this call (cuMemGetInfo) less a margin of max(1 GiB, 5% of the
+//    device's total memory) for the engine's later allocations (activations,
+//    workspaces, the CUDA context's own growth), rounded down to the
+//    granularity and at least one granule. Make the backend after loading
+//    the model's weights, or set KVCacheOptions.memory_budget_bytes.
+//  * Streams: Zero and the copies run on one private non-blocking stream per
+//    backend, so they never wait for, or hold up, other streams' work (nor
+//    disturb a graph capture on them). Fences are recorded on the caller's
+//    Stream; RecordFence on a stream being captured is FailedPrecondition.
+//  * Waits: WaitFence sleeps (its events use CU_EVENT_BLOCKING_SYNC);
+//    FenceDone never blocks; Zero and the copies poll their completion.
 VATTN_EXPORT absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackend(
     int device = 0);
 // Number of CUDA devices, or Unavailable (with the reason) when no driver can

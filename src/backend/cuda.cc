@@ -21,7 +21,11 @@
 #include "vattn/status.h"
 
 #if defined(VATTN_HAVE_CUDA_HEADERS)
-#include "absl/container/flat_hash_map.h"
+#include <algorithm>
+#include <optional>
+#include <thread>
+
+#include "src/backend/fence_table.h"
 #include "src/internal/mutex.h"
 #endif
 
@@ -31,11 +35,24 @@ namespace vattn {
 namespace {
 
 using internal::CudaDriver;
+using internal::FenceTable;
 using internal::Mutex;
 using internal::MutexLock;
 
 // DESIGN.md: 64 TiB reserved in microseconds on an H200; 128 TiB refused.
 constexpr std::size_t kMaxReservationBytes = std::size_t{64} << 40;
+
+// The one allocation property vattn uses: pinned device memory of `device`,
+// no export handle. Both the granularity query and cuMemCreate take it, so
+// the granularity is the one of the handles actually created.
+CUmemAllocationProp AllocationProp(CUdevice device) {
+  CUmemAllocationProp prop{};
+  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_NONE;
+  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  prop.location.id = device;
+  return prop;
+}
 
 // Makes `context` current on the calling thread for one scope and puts the
 // thread's previous context back afterwards, so a caller that drives another
@@ -70,241 +87,289 @@ class ScopedContext {
   bool restore_ = false;
 };
 
+// Runs fn() with `context` current and returns its result (an absl::Status
+// or StatusOr), or the error of making the context current.
+template <typename Fn>
+auto InContext(const CudaDriver& driver, CUcontext context, Fn&& fn)
+    -> decltype(fn()) {
+  ScopedContext scope(driver, context);
+  if (!scope.status().ok()) return scope.status();
+  return fn();
+}
+
 // One device's VMM backend. Owns a retained reference to the device's primary
-// context (released by the destructor, after everything live has been taken
-// back) and the CUevents behind its fences; thread-safe: every method may be
-// called from any thread, the hooks make the context current per call and
-// guard the fence table with a mutex.
+// context, one private non-blocking stream for its data calls, and the
+// CUevents behind its fences and data calls (all released by the destructor,
+// after everything live has been taken back); thread-safe: every method may
+// be called from any thread, the hooks make the context current per call.
+//
+// Streams and waits:
+//  * Zero and the copies run on the private stream, created
+//    CU_STREAM_NON_BLOCKING: they neither wait for the legacy default
+//    stream's work (nor PyTorch's, nor any blocking stream's) nor make later
+//    work wait for them, and they never touch a stream another thread may be
+//    capturing into a graph. The ordering that matters (no zeroing or
+//    unmapping under GPU work still reading) is the caller's fences.
+//    A data call polls its completion (cuEventQuery, yielding between
+//    queries) on an event without CU_EVENT_BLOCKING_SYNC: the work is one
+//    memset or copy of at most a few extents, microseconds, and these calls
+//    run on Grow's and the map-ahead thread's path, where a sleep and
+//    wake-up would cost more than the work.
+//  * Fence events are created with CU_EVENT_BLOCKING_SYNC: WaitFence waits
+//    for the caller's GPU work, which can last a whole step or more, so the
+//    waiting thread sleeps in cuEventSynchronize instead of spinning a core.
+//    FenceDone is a cuEventQuery and never blocks.
 class CudaBackend final : public Backend {
  public:
   CudaBackend(BackendCapabilities caps, const CudaDriver* driver,
-              CUdevice device, CUcontext context)
+              CUdevice device, CUcontext context, CUstream stream)
       : Backend(std::move(caps)),
         driver_(*driver),
         device_(device),
-        context_(context) {}
+        context_(context),
+        stream_(stream) {}
 
   ~CudaBackend() override {
     ReleaseAllForShutdown();
-    {
-      ScopedContext scope(driver_, context_);
+    (void)InContext(driver_, context_, [&] {
+      (void)driver_.cuStreamSynchronize(stream_);
+      (void)driver_.cuStreamDestroy(stream_);
+      for (CUevent event : fences_.TakeAll()) {
+        (void)driver_.cuEventDestroy(event);
+      }
       MutexLock lock(&mu_);
-      for (CUevent event : free_events_) (void)driver_.cuEventDestroy(event);
-      free_events_.clear();
-    }
+      for (CUevent event : data_events_) (void)driver_.cuEventDestroy(event);
+      data_events_.clear();
+      return absl::OkStatus();
+    });
     (void)driver_.cuDevicePrimaryCtxRelease(device_);
   }
 
  protected:
   absl::StatusOr<DevicePtr> DoReserve(std::size_t bytes) override {
-    ScopedContext scope(driver_, context_);
-    VATTN_RETURN_IF_ERROR(scope.status());
-    CUdeviceptr va = 0;
-    VATTN_CU_RETURN_IF_ERROR(driver_.cuMemAddressReserve(
-        &va, bytes, granularity(), /*addr=*/0, /*flags=*/0));
-    return static_cast<DevicePtr>(va);
+    return InContext(driver_, context_, [&]() -> absl::StatusOr<DevicePtr> {
+      CUdeviceptr va = 0;
+      VATTN_CU_RETURN_IF_ERROR(driver_.cuMemAddressReserve(
+          &va, bytes, granularity(), /*addr=*/0, /*flags=*/0));
+      return static_cast<DevicePtr>(va);
+    });
   }
 
   absl::Status DoRelease(DevicePtr va, std::size_t bytes) override {
-    ScopedContext scope(driver_, context_);
-    VATTN_RETURN_IF_ERROR(scope.status());
-    VATTN_CU_RETURN_IF_ERROR(
-        driver_.cuMemAddressFree(static_cast<CUdeviceptr>(va), bytes));
-    return absl::OkStatus();
+    return InContext(driver_, context_, [&] {
+      return VATTN_CU_STATUS(
+          driver_.cuMemAddressFree(static_cast<CUdeviceptr>(va), bytes));
+    });
   }
 
   absl::StatusOr<PhysicalHandle> DoCreate(std::size_t bytes) override {
-    ScopedContext scope(driver_, context_);
-    VATTN_RETURN_IF_ERROR(scope.status());
-    const CUmemAllocationProp prop = AllocationProp(device_);
-    CUmemGenericAllocationHandle handle = 0;
-    VATTN_CU_RETURN_IF_ERROR(
-        driver_.cuMemCreate(&handle, bytes, &prop, /*flags=*/0));
-    if (handle == 0) {
-      // The contract reserves 0 for "no handle"; no driver hands it out, but
-      // never let it through.
-      return absl::InternalError(
-          "cuMemCreate returned the handle 0, which vattn cannot represent");
-    }
-    return static_cast<PhysicalHandle>(handle);
+    return InContext(
+        driver_, context_, [&]() -> absl::StatusOr<PhysicalHandle> {
+          const CUmemAllocationProp prop = AllocationProp(device_);
+          CUmemGenericAllocationHandle handle = 0;
+          VATTN_CU_RETURN_IF_ERROR(
+              driver_.cuMemCreate(&handle, bytes, &prop, /*flags=*/0));
+          if (handle == 0) {
+            // The contract reserves 0 for "no handle"; no driver hands it
+            // out, but never let it through.
+            return absl::InternalError(
+                "cuMemCreate returned the handle 0, which vattn cannot "
+                "represent");
+          }
+          return static_cast<PhysicalHandle>(handle);
+        });
   }
 
   absl::Status DoDestroy(PhysicalHandle handle, std::size_t) override {
-    ScopedContext scope(driver_, context_);
-    VATTN_RETURN_IF_ERROR(scope.status());
-    VATTN_CU_RETURN_IF_ERROR(driver_.cuMemRelease(
-        static_cast<CUmemGenericAllocationHandle>(handle)));
-    return absl::OkStatus();
+    return InContext(driver_, context_, [&] {
+      return VATTN_CU_STATUS(driver_.cuMemRelease(
+          static_cast<CUmemGenericAllocationHandle>(handle)));
+    });
   }
 
   absl::Status DoMap(DevicePtr va, PhysicalHandle handle,
                      std::size_t bytes) override {
-    ScopedContext scope(driver_, context_);
-    VATTN_RETURN_IF_ERROR(scope.status());
-    const CUdeviceptr ptr = static_cast<CUdeviceptr>(va);
-    VATTN_CU_RETURN_IF_ERROR(driver_.cuMemMap(
-        ptr, bytes, /*offset=*/0,
-        static_cast<CUmemGenericAllocationHandle>(handle), /*flags=*/0));
-    CUmemAccessDesc access{};
-    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-    access.location.id = device_;
-    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-    absl::Status s =
-        VATTN_CU_STATUS(driver_.cuMemSetAccess(ptr, bytes, &access, 1));
-    if (!s.ok()) {
+    return InContext(driver_, context_, [&]() -> absl::Status {
+      const CUdeviceptr ptr = static_cast<CUdeviceptr>(va);
+      VATTN_CU_RETURN_IF_ERROR(driver_.cuMemMap(
+          ptr, bytes, /*offset=*/0,
+          static_cast<CUmemGenericAllocationHandle>(handle), /*flags=*/0));
+      CUmemAccessDesc access{};
+      access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+      access.location.id = device_;
+      access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+      absl::Status s =
+          VATTN_CU_STATUS(driver_.cuMemSetAccess(ptr, bytes, &access, 1));
       // A failed call changes nothing: take the mapping back.
-      (void)driver_.cuMemUnmap(ptr, bytes);
+      if (!s.ok()) (void)driver_.cuMemUnmap(ptr, bytes);
       return s;
-    }
-    return absl::OkStatus();
+    });
   }
 
   absl::Status DoUnmap(DevicePtr va, std::size_t bytes) override {
-    ScopedContext scope(driver_, context_);
-    VATTN_RETURN_IF_ERROR(scope.status());
-    VATTN_CU_RETURN_IF_ERROR(
-        driver_.cuMemUnmap(static_cast<CUdeviceptr>(va), bytes));
-    return absl::OkStatus();
+    return InContext(driver_, context_, [&] {
+      return VATTN_CU_STATUS(
+          driver_.cuMemUnmap(static_cast<CUdeviceptr>(va), bytes));
+    });
   }
 
-  // cuMemsetD8 and cuMemcpyHtoD run on the legacy default stream (so they are
-  // ordered after the work of blocking streams, like cudaMemset) and may
-  // return before the device has the data; an event on that stream waits for
-  // exactly that, where cuCtxSynchronize would also wait for every other
-  // stream's unrelated work.
   absl::Status DoZero(DevicePtr va, std::size_t bytes) override {
-    ScopedContext scope(driver_, context_);
-    VATTN_RETURN_IF_ERROR(scope.status());
-    VATTN_CU_RETURN_IF_ERROR(
-        driver_.cuMemsetD8(static_cast<CUdeviceptr>(va), 0, bytes));
-    return SyncLegacyStreamInContext();
+    return InContext(driver_, context_, [&]() -> absl::Status {
+      VATTN_CU_RETURN_IF_ERROR(driver_.cuMemsetD8Async(
+          static_cast<CUdeviceptr>(va), 0, bytes, stream_));
+      return FinishPrivateStreamInContext();
+    });
   }
 
   absl::Status DoCopyToDevice(DevicePtr dst, const void* src,
                               std::size_t bytes) override {
-    ScopedContext scope(driver_, context_);
-    VATTN_RETURN_IF_ERROR(scope.status());
-    VATTN_CU_RETURN_IF_ERROR(
-        driver_.cuMemcpyHtoD(static_cast<CUdeviceptr>(dst), src, bytes));
-    return SyncLegacyStreamInContext();
+    // From pageable memory the driver stages `src` before it returns; the
+    // event then waits for the DMA to the device.
+    return InContext(driver_, context_, [&]() -> absl::Status {
+      VATTN_CU_RETURN_IF_ERROR(driver_.cuMemcpyHtoDAsync(
+          static_cast<CUdeviceptr>(dst), src, bytes, stream_));
+      return FinishPrivateStreamInContext();
+    });
   }
 
   absl::Status DoCopyFromDevice(void* dst, DevicePtr src,
                                 std::size_t bytes) override {
-    ScopedContext scope(driver_, context_);
-    VATTN_RETURN_IF_ERROR(scope.status());
-    // Synchronous for pageable host memory: the data is in `dst` on return.
-    VATTN_CU_RETURN_IF_ERROR(
-        driver_.cuMemcpyDtoH(dst, static_cast<CUdeviceptr>(src), bytes));
-    return absl::OkStatus();
+    // To pageable memory the copy has completed when the call returns; the
+    // event wait covers pinned destinations too.
+    return InContext(driver_, context_, [&]() -> absl::Status {
+      VATTN_CU_RETURN_IF_ERROR(driver_.cuMemcpyDtoHAsync(
+          dst, static_cast<CUdeviceptr>(src), bytes, stream_));
+      return FinishPrivateStreamInContext();
+    });
   }
 
   absl::StatusOr<FenceId> DoRecordFence(Stream stream) override {
-    ScopedContext scope(driver_, context_);
-    VATTN_RETURN_IF_ERROR(scope.status());
-    VATTN_ASSIGN_OR_RETURN(CUevent event, TakeEventInContext());
-    absl::Status s = VATTN_CU_STATUS(
-        driver_.cuEventRecord(event, static_cast<CUstream>(stream.value())));
-    if (!s.ok()) {
-      GiveBackEventInContext(event);
-      return s;
-    }
-    MutexLock lock(&mu_);
-    const FenceId id = next_fence_++;
-    fences_[id] = event;
-    return id;
+    return InContext(driver_, context_, [&]() -> absl::StatusOr<FenceId> {
+      const CUstream s = static_cast<CUstream>(stream.value());
+      VATTN_RETURN_IF_ERROR(CheckNotCapturingInContext(s));
+      VATTN_ASSIGN_OR_RETURN(CUevent event, TakeFenceEventInContext());
+      absl::Status recorded = VATTN_CU_STATUS(driver_.cuEventRecord(event, s));
+      if (!recorded.ok()) {
+        fences_.GiveFree(event);
+        return recorded;
+      }
+      return fences_.Add(event);
+    });
   }
 
   absl::StatusOr<bool> DoFenceDone(FenceId fence) override {
-    VATTN_ASSIGN_OR_RETURN(CUevent event, EventOf(fence));
-    ScopedContext scope(driver_, context_);
-    VATTN_RETURN_IF_ERROR(scope.status());
-    const CUresult r = driver_.cuEventQuery(event);
-    if (r == CUDA_SUCCESS) return true;
-    if (r == CUDA_ERROR_NOT_READY) return false;
-    return internal::CudaCallError(r, "cuEventQuery(event)", __FILE__,
-                                   __LINE__);
+    VATTN_ASSIGN_OR_RETURN(CUevent event, AcquireFence("FenceDone", fence));
+    absl::StatusOr<bool> done =
+        InContext(driver_, context_, [&]() -> absl::StatusOr<bool> {
+          const CUresult r = driver_.cuEventQuery(event);
+          if (r == CUDA_SUCCESS) return true;
+          if (r == CUDA_ERROR_NOT_READY) return false;
+          return internal::CudaCallError(r, "cuEventQuery(fence event)",
+                                         __FILE__, __LINE__);
+        });
+    fences_.EndQuery(fence);
+    return done;
   }
 
   absl::Status DoWaitFence(FenceId fence) override {
-    VATTN_ASSIGN_OR_RETURN(CUevent event, EventOf(fence));
-    ScopedContext scope(driver_, context_);
-    VATTN_RETURN_IF_ERROR(scope.status());
-    VATTN_CU_RETURN_IF_ERROR(driver_.cuEventSynchronize(event));
-    return absl::OkStatus();
+    VATTN_ASSIGN_OR_RETURN(CUevent event, AcquireFence("WaitFence", fence));
+    // Sleeps: fence events use CU_EVENT_BLOCKING_SYNC.
+    absl::Status s = InContext(driver_, context_, [&] {
+      return VATTN_CU_STATUS(driver_.cuEventSynchronize(event));
+    });
+    fences_.EndQuery(fence);
+    return s;
   }
 
   absl::Status DoReleaseFence(FenceId fence) override {
-    CUevent event = nullptr;
-    {
-      MutexLock lock(&mu_);
-      auto it = fences_.find(fence);
-      if (it == fences_.end()) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "ReleaseFence: unknown fence %d (backend %s)", fence,
-            capabilities().name));
-      }
-      event = it->second;
-      fences_.erase(it);
-    }
-    ScopedContext scope(driver_, context_);
-    VATTN_RETURN_IF_ERROR(scope.status());
-    // A recorded event may be re-recorded at once: cuEventRecord replaces
-    // the captured work, so a pooled event need not have completed.
-    GiveBackEventInContext(event);
+    // No driver call: a pooled event is re-recorded by the next fence, which
+    // replaces the work it captured (only once no query still reads it).
+    absl::Status s = fences_.Release(fence);
+    if (!s.ok()) return Named("ReleaseFence", s);
     return absl::OkStatus();
   }
 
  private:
-  static CUmemAllocationProp AllocationProp(CUdevice device) {
-    CUmemAllocationProp prop{};
-    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-    prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_NONE;
-    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-    prop.location.id = device;
-    return prop;
+  absl::Status Named(const char* what, const absl::Status& s) const {
+    return absl::Status(s.code(), absl::StrFormat("%s: %s (backend %s)", what,
+                                                  s.message(),
+                                                  capabilities().name));
   }
 
-  absl::StatusOr<CUevent> EventOf(FenceId fence) const {
-    MutexLock lock(&mu_);
-    auto it = fences_.find(fence);
-    if (it == fences_.end()) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "unknown fence %d (backend %s)", fence, capabilities().name));
-    }
-    return it->second;
-  }
-
-  // The context must be current (these helpers run inside a ScopedContext).
-  absl::StatusOr<CUevent> TakeEventInContext() {
-    {
-      MutexLock lock(&mu_);
-      if (!free_events_.empty()) {
-        CUevent event = free_events_.back();
-        free_events_.pop_back();
-        return event;
-      }
-    }
-    CUevent event = nullptr;
-    VATTN_CU_RETURN_IF_ERROR(
-        driver_.cuEventCreate(&event, CU_EVENT_DISABLE_TIMING));
+  absl::StatusOr<CUevent> AcquireFence(const char* what, FenceId fence) {
+    absl::StatusOr<CUevent> event = fences_.Acquire(fence);
+    if (!event.ok()) return Named(what, event.status());
     return event;
   }
 
-  // Events are pooled, never destroyed before the backend: a fence costs no
-  // cuEventCreate in steady state, and a FenceDone racing a ReleaseFence of
-  // the same fence can never query a destroyed event. The pool holds at most
-  // as many events as fences were ever live at once.
-  void GiveBackEventInContext(CUevent event) {
-    MutexLock lock(&mu_);
-    free_events_.push_back(event);
+  // FailedPrecondition when `stream` is capturing into a CUDA graph: an
+  // event recorded there would become a graph node and tell nothing about
+  // when the GPU work ends. The legacy stream reports
+  // CUDA_ERROR_STREAM_CAPTURE_IMPLICIT while a blocking stream captures: it
+  // cannot be used then either.
+  absl::Status CheckNotCapturingInContext(CUstream stream) {
+    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
+    const CUresult r = driver_.cuStreamIsCapturing(stream, &capture);
+    if (r == CUDA_ERROR_STREAM_CAPTURE_IMPLICIT ||
+        (r == CUDA_SUCCESS && capture != CU_STREAM_CAPTURE_STATUS_NONE)) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "RecordFence: stream %p is being captured into a CUDA graph "
+          "(capture status %d%s); record the fence after the capture ends, on "
+          "the stream the graph is launched on (backend %s)",
+          static_cast<void*>(stream), static_cast<int>(capture),
+          r == CUDA_ERROR_STREAM_CAPTURE_IMPLICIT
+              ? ", the legacy stream while a blocking stream captures"
+              : "",
+          capabilities().name));
+    }
+    if (r != CUDA_SUCCESS) {
+      return internal::CudaCallError(r, "cuStreamIsCapturing(stream)",
+                                     __FILE__, __LINE__);
+    }
+    return absl::OkStatus();
   }
 
-  absl::Status SyncLegacyStreamInContext() {
-    VATTN_ASSIGN_OR_RETURN(CUevent event, TakeEventInContext());
-    absl::Status s = VATTN_CU_STATUS(driver_.cuEventRecord(event, nullptr));
-    if (s.ok()) s = VATTN_CU_STATUS(driver_.cuEventSynchronize(event));
-    GiveBackEventInContext(event);
+  // The context must be current (these helpers run inside InContext).
+  absl::StatusOr<CUevent> TakeFenceEventInContext() {
+    if (std::optional<CUevent> pooled = fences_.TakeFree()) return *pooled;
+    CUevent event = nullptr;
+    VATTN_CU_RETURN_IF_ERROR(driver_.cuEventCreate(
+        &event, CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING));
+    return event;
+  }
+
+  // Waits until the work queued so far on the private stream has finished,
+  // polling (see the class comment for why it does not sleep).
+  absl::Status FinishPrivateStreamInContext() {
+    CUevent event = nullptr;
+    {
+      MutexLock lock(&mu_);
+      if (!data_events_.empty()) {
+        event = data_events_.back();
+        data_events_.pop_back();
+      }
+    }
+    if (event == nullptr) {
+      VATTN_CU_RETURN_IF_ERROR(
+          driver_.cuEventCreate(&event, CU_EVENT_DISABLE_TIMING));
+    }
+    absl::Status s = VATTN_CU_STATUS(driver_.cuEventRecord(event, stream_));
+    for (int polls = 0; s.ok(); ++polls) {
+      const CUresult r = driver_.cuEventQuery(event);
+      if (r == CUDA_SUCCESS) break;
+      if (r != CUDA_ERROR_NOT_READY) {
+        s = internal::CudaCallError(r, "cuEventQuery(private stream event)",
+                                    __FILE__, __LINE__);
+        break;
+      }
+      // A few queries back to back (a small memset is done in microseconds),
+      // then give the core away between queries.
+      if (polls >= 64) std::this_thread::yield();
+    }
+    // Only this thread used the event, and it has completed (or the context
+    // is broken): reusable at once.
+    MutexLock lock(&mu_);
+    data_events_.push_back(event);
     return s;
   }
 
@@ -312,11 +377,11 @@ class CudaBackend final : public Backend {
   const CudaDriver& driver_;
   const CUdevice device_;
   const CUcontext context_;
+  const CUstream stream_;  // Private, non-blocking: Zero and the copies.
 
-  mutable Mutex mu_;
-  FenceId next_fence_ ABSL_GUARDED_BY(mu_) = kCompletedFence + 1;
-  absl::flat_hash_map<FenceId, CUevent> fences_ ABSL_GUARDED_BY(mu_);
-  std::vector<CUevent> free_events_ ABSL_GUARDED_BY(mu_);
+  FenceTable<CUevent> fences_;  // Thread-safe on its own.
+  Mutex mu_;
+  std::vector<CUevent> data_events_ ABSL_GUARDED_BY(mu_);
 };
 
 absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackendImpl(int ordinal) {
@@ -355,10 +420,7 @@ absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackendImpl(int ordinal) {
   std::size_t total_memory = 0;
   VATTN_CU_RETURN_IF_ERROR(d.cuDeviceTotalMem(&total_memory, device));
 
-  CUmemAllocationProp prop{};
-  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-  prop.location.id = device;
+  const CUmemAllocationProp prop = AllocationProp(device);
   std::size_t granularity = 0;
   VATTN_CU_RETURN_IF_ERROR(d.cuMemGetAllocationGranularity(
       &granularity, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM));
@@ -370,6 +432,19 @@ absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackendImpl(int ordinal) {
 
   CUcontext context = nullptr;
   VATTN_CU_RETURN_IF_ERROR(d.cuDevicePrimaryCtxRetain(&context, device));
+  std::size_t free_memory = 0;
+  CUstream stream = nullptr;
+  absl::Status s = InContext(d, context, [&]() -> absl::Status {
+    std::size_t total_now = 0;
+    VATTN_CU_RETURN_IF_ERROR(d.cuMemGetInfo(&free_memory, &total_now));
+    VATTN_CU_RETURN_IF_ERROR(
+        d.cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING));
+    return absl::OkStatus();
+  });
+  if (!s.ok()) {
+    (void)d.cuDevicePrimaryCtxRelease(device);
+    return s;
+  }
 
   BackendCapabilities caps;
   caps.name = absl::StrFormat("cuda:%d (%s)", ordinal, device_name);
@@ -380,10 +455,12 @@ absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackendImpl(int ordinal) {
   caps.max_reservation_bytes =
       kMaxReservationBytes - kMaxReservationBytes % granularity;
   caps.physical_memory_bytes = total_memory;
+  caps.default_budget_bytes =
+      internal::CudaDefaultBudget(free_memory, total_memory, granularity);
   caps.host_accessible = false;
   caps.has_streams = true;
-  return std::shared_ptr<Backend>(
-      std::make_shared<CudaBackend>(std::move(caps), driver, device, context));
+  return std::shared_ptr<Backend>(std::make_shared<CudaBackend>(
+      std::move(caps), driver, device, context, stream));
 }
 
 }  // namespace

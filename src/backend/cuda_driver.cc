@@ -4,6 +4,9 @@
 
 #include "src/backend/cuda_driver.h"
 
+#include <algorithm>
+#include <cstddef>
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -16,6 +19,15 @@
 #endif
 
 namespace vattn::internal {
+
+std::size_t CudaDefaultBudget(std::size_t free_bytes, std::size_t total_bytes,
+                              std::size_t granularity) {
+  const std::size_t margin = std::max(kCudaBudgetMarginMinBytes,
+                                      total_bytes / kCudaBudgetMarginDivisor);
+  std::size_t budget = free_bytes > margin ? free_bytes - margin : 0;
+  budget &= ~(granularity - 1);
+  return std::max(budget, granularity);
+}
 
 #if defined(VATTN_HAVE_CUDA_HEADERS)
 namespace {
@@ -45,6 +57,10 @@ const char* KnownErrorName(CUresult result) {
     case CUDA_ERROR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
     case CUDA_ERROR_SYSTEM_DRIVER_MISMATCH:
       return "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH";
+    case CUDA_ERROR_STREAM_CAPTURE_IMPLICIT:
+      return "CUDA_ERROR_STREAM_CAPTURE_IMPLICIT";
+    case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED:
+      return "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
     default: return "unknown CUresult";
   }
 }
@@ -193,8 +209,24 @@ absl::Status CudaCallError(CUresult result, const char* call, const char* file,
     case CUDA_ERROR_SYSTEM_DRIVER_MISMATCH:
     case CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE:
       return absl::UnavailableError(std::move(message));
+    case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED:
+    case CUDA_ERROR_STREAM_CAPTURE_INVALIDATED:
+    case CUDA_ERROR_STREAM_CAPTURE_MERGE:
+    case CUDA_ERROR_STREAM_CAPTURE_UNMATCHED:
+    case CUDA_ERROR_STREAM_CAPTURE_UNJOINED:
+    case CUDA_ERROR_STREAM_CAPTURE_ISOLATION:
+    case CUDA_ERROR_STREAM_CAPTURE_IMPLICIT:
+    case CUDA_ERROR_CAPTURED_EVENT:
+    case CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD:
+      return absl::FailedPreconditionError(absl::StrCat(
+          std::move(message),
+          "; the call is not allowed while a CUDA graph is being captured"));
     case CUDA_ERROR_INVALID_VALUE:
-      return absl::InvalidArgumentError(std::move(message));
+      // Backend validated the arguments first: not the caller's mistake.
+      return absl::InternalError(absl::StrCat(
+          std::move(message),
+          "; vattn had checked the arguments, so this is a vattn bug or a "
+          "property the device does not support"));
     default:
       return absl::InternalError(std::move(message));
   }

@@ -14,6 +14,8 @@
 #ifndef VATTN_SRC_BACKEND_CUDA_DRIVER_H_
 #define VATTN_SRC_BACKEND_CUDA_DRIVER_H_
 
+#include <cstddef>
+
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
@@ -58,9 +60,10 @@ namespace vattn::internal {
   X(cuMemMap, cuMemMap)                                            \
   X(cuMemUnmap, cuMemUnmap)                                        \
   X(cuMemSetAccess, cuMemSetAccess)                                \
-  X(cuMemsetD8, cuMemsetD8_v2)                                     \
-  X(cuMemcpyHtoD, cuMemcpyHtoD_v2)                                 \
-  X(cuMemcpyDtoH, cuMemcpyDtoH_v2)                                 \
+  X(cuMemGetInfo, cuMemGetInfo_v2)                                 \
+  X(cuMemsetD8Async, cuMemsetD8Async)                              \
+  X(cuMemcpyHtoDAsync, cuMemcpyHtoDAsync_v2)                       \
+  X(cuMemcpyDtoHAsync, cuMemcpyDtoHAsync_v2)                       \
   X(cuEventCreate, cuEventCreate)                                  \
   X(cuEventRecord, cuEventRecord)                                  \
   X(cuEventQuery, cuEventQuery)                                    \
@@ -69,6 +72,10 @@ namespace vattn::internal {
   X(cuStreamCreate, cuStreamCreate)                                \
   X(cuStreamDestroy, cuStreamDestroy_v2)                           \
   X(cuStreamSynchronize, cuStreamSynchronize)                      \
+  X(cuStreamIsCapturing, cuStreamIsCapturing)                      \
+  X(cuStreamBeginCapture, cuStreamBeginCapture_v2)                 \
+  X(cuStreamEndCapture, cuStreamEndCapture)                        \
+  X(cuGraphDestroy, cuGraphDestroy)                                \
   X(cuLaunchHostFunc, cuLaunchHostFunc)
 
 // The loaded driver: one function pointer per entry point, all non-null once
@@ -84,9 +91,13 @@ struct CudaDriver {
 // Turns a failed driver call into a Status whose message names the call's
 // text, file:line and the driver's error name and description. Codes:
 // CUDA_ERROR_OUT_OF_MEMORY -> ResourceExhausted; no device, driver not
-// initialized or too old -> Unavailable; CUDA_ERROR_INVALID_VALUE ->
-// InvalidArgument; anything else -> Internal. `result` must not be
-// CUDA_SUCCESS.
+// initialized or too old -> Unavailable; a stream-capture error (the call
+// is not allowed while a CUDA graph is being captured: CUDA_ERROR_STREAM_
+// CAPTURE_*, CUDA_ERROR_CAPTURED_EVENT) -> FailedPrecondition; anything else
+// -> Internal. CUDA_ERROR_INVALID_VALUE is Internal too: Backend checked
+// the arguments before the driver saw them, so the driver refusing them is
+// vattn's bug or a property this device does not support, not the caller's
+// mistake. `result` must not be CUDA_SUCCESS.
 absl::Status CudaCallError(CUresult result, const char* call, const char* file,
                            int line);
 
@@ -99,6 +110,15 @@ const char* CudaErrorName(CUresult result);
 struct CudaDriver {};
 
 #endif  // VATTN_HAVE_CUDA_HEADERS
+
+// The CUDA backend's default budget (BackendCapabilities::
+// default_budget_bytes, documented at MakeCudaBackend): `free_bytes` less
+// max(kCudaBudgetMarginMinBytes, total_bytes / kCudaBudgetMarginDivisor),
+// rounded down to `granularity` (a power of two), and at least one granule.
+inline constexpr std::size_t kCudaBudgetMarginMinBytes = std::size_t{1} << 30;
+inline constexpr std::size_t kCudaBudgetMarginDivisor = 20;  // 5%.
+std::size_t CudaDefaultBudget(std::size_t free_bytes, std::size_t total_bytes,
+                              std::size_t granularity);
 
 // Loads libcuda.so.1, resolves every entry point and calls cuInit(0), the
 // first time it is called (thread-safe); later calls return the same answer.

@@ -5,6 +5,9 @@
 // driver or device exists. Streams for the fence cases are driven through
 // vattn's own run-time driver loader, so this binary never links libcuda.
 
+#include <time.h>
+
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -195,27 +198,6 @@ TEST_F(CudaBackendTest, Maps64SmallHandlesAndOneLargeHandle) {
       kSmall, g_ / kMiB, small_ms, large_bytes / kMiB, large_ms);
 }
 
-TEST_F(CudaBackendTest, OutOfMemoryIsResourceExhaustedAndChangesNothing) {
-  const std::size_t caps_total = backend_->capabilities().physical_memory_bytes;
-  // Twice the device's memory, rounded up to the granularity: no driver can
-  // hand that out as one physical allocation.
-  const std::size_t absurd = (2 * caps_total + g_ - 1) / g_ * g_;
-  const BackendCounters before = backend_->counters();
-  const absl::StatusOr<PhysicalHandle> h = backend_->Create(absurd);
-  ASSERT_FALSE(h.ok()) << "cuMemCreate of " << absurd << " bytes succeeded";
-  EXPECT_EQ(h.status().code(), absl::StatusCode::kResourceExhausted)
-      << testing::Describe(h);
-  EXPECT_THAT(std::string(h.status().message()), HasSubstr("cuMemCreate"));
-  EXPECT_THAT(std::string(h.status().message()),
-              HasSubstr("CUDA_ERROR_OUT_OF_MEMORY"));
-  const BackendCounters after = backend_->counters();
-  EXPECT_EQ(after.handles, before.handles);
-  EXPECT_EQ(after.physical_bytes, before.physical_bytes);
-  EXPECT_EQ(after.calls, before.calls);
-  EXPECT_EQ(after.failed_calls, before.failed_calls + 1);
-  std::printf("Create(%zu) -> %s\n", absurd, testing::Describe(h).c_str());
-}
-
 TEST_F(CudaBackendTest, InvalidOrdinalIsInvalidArgument) {
   const absl::StatusOr<std::shared_ptr<Backend>> beyond =
       MakeCudaBackend(device_count_);
@@ -263,7 +245,10 @@ TEST_F(CudaBackendTest, FenceOnTheDefaultStreamCompletes) {
 // queued behind it cannot finish before the test allows it.
 class BlockedStream {
  public:
-  static absl::StatusOr<std::unique_ptr<BlockedStream>> Make() {
+  // On a new non-blocking stream, or (on_legacy) on the legacy default
+  // stream, which then also holds up every blocking stream.
+  static absl::StatusOr<std::unique_ptr<BlockedStream>> Make(
+      bool on_legacy = false) {
     VATTN_ASSIGN_OR_RETURN(const internal::CudaDriver* d,
                            internal::LoadCudaDriver());
     auto s = std::unique_ptr<BlockedStream>(new BlockedStream(*d));
@@ -273,24 +258,29 @@ class BlockedStream {
         VATTN_CU_STATUS(d->cuDevicePrimaryCtxRetain(&s->context_, device)));
     s->device_ = device;
     VATTN_RETURN_IF_ERROR(VATTN_CU_STATUS(d->cuCtxSetCurrent(s->context_)));
-    VATTN_RETURN_IF_ERROR(VATTN_CU_STATUS(
-        d->cuStreamCreate(&s->stream_, CU_STREAM_NON_BLOCKING)));
-    VATTN_RETURN_IF_ERROR(VATTN_CU_STATUS(
-        d->cuLaunchHostFunc(s->stream_, &BlockedStream::Block, s.get())));
+    if (on_legacy) {
+      s->launched_on_ = CU_STREAM_LEGACY;
+    } else {
+      VATTN_RETURN_IF_ERROR(VATTN_CU_STATUS(
+          d->cuStreamCreate(&s->stream_, CU_STREAM_NON_BLOCKING)));
+      s->launched_on_ = s->stream_;
+    }
+    VATTN_RETURN_IF_ERROR(VATTN_CU_STATUS(d->cuLaunchHostFunc(
+        s->launched_on_, &BlockedStream::Block, s.get())));
     return s;
   }
 
   ~BlockedStream() {
     Release();
-    if (stream_ != nullptr) {
+    if (launched_on_ != nullptr) {
       (void)d_.cuCtxSetCurrent(context_);
-      (void)d_.cuStreamSynchronize(stream_);
-      (void)d_.cuStreamDestroy(stream_);
+      (void)d_.cuStreamSynchronize(launched_on_);
     }
+    if (stream_ != nullptr) (void)d_.cuStreamDestroy(stream_);
     if (context_ != nullptr) (void)d_.cuDevicePrimaryCtxRelease(device_);
   }
 
-  Stream stream() const { return Stream::FromHandle(stream_); }
+  Stream stream() const { return Stream::FromHandle(launched_on_); }
   void Release() { released_.store(true); }
 
  private:
@@ -310,7 +300,8 @@ class BlockedStream {
   const internal::CudaDriver& d_;
   CUdevice device_ = 0;
   CUcontext context_ = nullptr;
-  CUstream stream_ = nullptr;
+  CUstream stream_ = nullptr;       // Created here, or null.
+  CUstream launched_on_ = nullptr;  // Where the blocking function runs.
   std::atomic<bool> released_{false};
 };
 
@@ -377,6 +368,228 @@ TEST_F(CudaBackendTest, CallsLeaveTheCallersContextAlone) {
     VATTN_EXPECT_OK(backend_->Release(va, g_));
   });
   worker.join();
+}
+
+// The primary context of device 0 made current on this thread for a scope
+// (for driver calls the tests make themselves).
+class PrimaryContext {
+ public:
+  static absl::StatusOr<std::unique_ptr<PrimaryContext>> Make() {
+    VATTN_ASSIGN_OR_RETURN(const internal::CudaDriver* d,
+                           internal::LoadCudaDriver());
+    auto c = std::unique_ptr<PrimaryContext>(new PrimaryContext(*d));
+    VATTN_RETURN_IF_ERROR(VATTN_CU_STATUS(d->cuDeviceGet(&c->device_, 0)));
+    VATTN_RETURN_IF_ERROR(
+        VATTN_CU_STATUS(d->cuDevicePrimaryCtxRetain(&c->context_, c->device_)));
+    VATTN_RETURN_IF_ERROR(VATTN_CU_STATUS(d->cuCtxSetCurrent(c->context_)));
+    return c;
+  }
+  ~PrimaryContext() {
+    if (context_ != nullptr) (void)d_.cuDevicePrimaryCtxRelease(device_);
+  }
+  const internal::CudaDriver& d() const { return d_; }
+  std::size_t FreeBytes() const {
+    std::size_t free = 0, total = 0;
+    return d_.cuMemGetInfo(&free, &total) == CUDA_SUCCESS ? free : 0;
+  }
+
+ private:
+  explicit PrimaryContext(const internal::CudaDriver& d) : d_(d) {}
+  const internal::CudaDriver& d_;
+  CUdevice device_ = 0;
+  CUcontext context_ = nullptr;
+};
+
+// One mapped granule at *va (handle *h), for the data-call cases.
+void MapOne(Backend& b, DevicePtr* va, PhysicalHandle* h) {
+  VATTN_ASSERT_OK_AND_ASSIGN(*va, b.Reserve(b.granularity()));
+  VATTN_ASSERT_OK_AND_ASSIGN(*h, b.Create(b.granularity()));
+  VATTN_ASSERT_OK(b.Map(*va, *h));
+}
+void UnmapOne(Backend& b, DevicePtr va, PhysicalHandle h) {
+  VATTN_EXPECT_OK(b.Unmap(va, b.granularity()));
+  VATTN_EXPECT_OK(b.Destroy(h));
+  VATTN_EXPECT_OK(b.Release(va, b.granularity()));
+}
+
+// Issue 11 item 1: Zero and the copies run on the backend's private
+// non-blocking stream, so a legacy default stream held up by other work
+// (PyTorch's default stream, say) does not hold them up. On the legacy
+// stream (the old code) they would wait until the host function returns.
+TEST_F(CudaBackendTest, ZeroAndCopiesDoNotWaitForTheLegacyStream) {
+  DevicePtr va = 0;
+  PhysicalHandle h = kInvalidHandle;
+  ASSERT_NO_FATAL_FAILURE(MapOne(*backend_, &va, &h));
+  VATTN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<BlockedStream> blocked,
+                             BlockedStream::Make(/*on_legacy=*/true));
+  std::vector<std::uint8_t> data(g_, 0xAB);
+  std::vector<std::uint8_t> back(g_, 0);
+  const auto start = std::chrono::steady_clock::now();
+  VATTN_EXPECT_OK(backend_->CopyToDevice(va, data.data(), g_));
+  VATTN_EXPECT_OK(backend_->Zero(va, g_ / 2));
+  VATTN_EXPECT_OK(backend_->CopyFromDevice(back.data(), va, g_));
+  const double ms = MillisSince(start);
+  blocked->Release();
+  EXPECT_LT(ms, 5000.0) << "data calls waited for the blocked legacy stream";
+  EXPECT_EQ(back[0], 0);
+  EXPECT_EQ(back[g_ / 2 - 1], 0);
+  EXPECT_EQ(back[g_ / 2], 0xAB);
+  EXPECT_EQ(back[g_ - 1], 0xAB);
+  blocked.reset();
+  UnmapOne(*backend_, va, h);
+  std::printf("3 data calls with the legacy stream blocked: %.3f ms\n", ms);
+}
+
+// Issue 11 item 6: WaitFence sleeps (CU_EVENT_BLOCKING_SYNC) instead of
+// spinning a core for the whole wait.
+TEST_F(CudaBackendTest, WaitFenceSleepsInsteadOfSpinning) {
+  VATTN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<BlockedStream> blocked,
+                             BlockedStream::Make());
+  VATTN_ASSERT_OK_AND_ASSIGN(FenceId fence,
+                             backend_->RecordFence(blocked->stream()));
+  std::thread releaser([&blocked] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    blocked->Release();
+  });
+  timespec cpu0{}, cpu1{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu0);
+  const auto start = std::chrono::steady_clock::now();
+  const absl::Status waited = backend_->WaitFence(fence);
+  const double wall_ms = MillisSince(start);
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu1);
+  releaser.join();
+  VATTN_ASSERT_OK(waited);
+  const double cpu_ms = (cpu1.tv_sec - cpu0.tv_sec) * 1e3 +
+                        (cpu1.tv_nsec - cpu0.tv_nsec) / 1e6;
+  EXPECT_GE(wall_ms, 200.0);
+  EXPECT_LT(cpu_ms, 0.5 * wall_ms) << "the waiting thread spun";
+  VATTN_EXPECT_OK(backend_->ReleaseFence(fence));
+  std::printf("WaitFence: %.1f ms wall, %.1f ms CPU\n", wall_ms, cpu_ms);
+}
+
+// Issue 11 item 7: a fence on a stream being captured into a graph is
+// FailedPrecondition (it would be a graph node, not a fence), and so is one
+// on the legacy stream while a blocking stream captures. The capture itself
+// survives, and the backend's data calls still work meanwhile.
+TEST_F(CudaBackendTest, RecordFenceOnACapturingStreamIsFailedPrecondition) {
+  VATTN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<PrimaryContext> ctx,
+                             PrimaryContext::Make());
+  const internal::CudaDriver& d = ctx->d();
+  DevicePtr va = 0;
+  PhysicalHandle h = kInvalidHandle;
+  ASSERT_NO_FATAL_FAILURE(MapOne(*backend_, &va, &h));
+  for (unsigned flags : {unsigned{CU_STREAM_NON_BLOCKING},
+                         unsigned{CU_STREAM_DEFAULT}}) {
+    SCOPED_TRACE(flags == CU_STREAM_DEFAULT ? "blocking" : "non-blocking");
+    CUstream s = nullptr;
+    ASSERT_EQ(d.cuStreamCreate(&s, flags), CUDA_SUCCESS);
+    ASSERT_EQ(d.cuStreamBeginCapture(s, CU_STREAM_CAPTURE_MODE_GLOBAL),
+              CUDA_SUCCESS);
+    const absl::StatusOr<FenceId> f =
+        backend_->RecordFence(Stream::FromHandle(s));
+    EXPECT_EQ(f.status().code(), absl::StatusCode::kFailedPrecondition)
+        << testing::Describe(f);
+    EXPECT_THAT(std::string(f.status().message()), HasSubstr("captur"));
+    if (flags == CU_STREAM_DEFAULT) {
+      VATTN_EXPECT_CODE(backend_->RecordFence(Stream::Legacy()),
+                        absl::StatusCode::kFailedPrecondition);
+    }
+    // The private stream is not part of the capture.
+    VATTN_EXPECT_OK(backend_->Zero(va, g_));
+    CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
+    EXPECT_EQ(d.cuStreamIsCapturing(s, &status), CUDA_SUCCESS);
+    EXPECT_EQ(status, CU_STREAM_CAPTURE_STATUS_ACTIVE)
+        << "vattn's calls invalidated the caller's capture";
+    CUgraph graph = nullptr;
+    EXPECT_EQ(d.cuStreamEndCapture(s, &graph), CUDA_SUCCESS);
+    if (graph != nullptr) (void)d.cuGraphDestroy(graph);
+    (void)d.cuStreamDestroy(s);
+  }
+  EXPECT_EQ(backend_->counters().fences, 0);
+  UnmapOne(*backend_, va, h);
+}
+
+// Issue 11 item 5 on the device: threads race FenceDone, WaitFence,
+// ReleaseFence and RecordFence; a fence on the blocked stream must never
+// read done (it would if its query saw an event re-recorded on the idle
+// stream by another fence).
+TEST_F(CudaBackendTest, RacingFenceCallsNeverAnswerForAnotherFence) {
+  VATTN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<BlockedStream> blocked,
+                             BlockedStream::Make());
+  std::atomic<int> wrong{0};
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 2; ++t) {
+    threads.emplace_back([&] {  // Busy fences: queried, released early.
+      for (int i = 0; i < 2000; ++i) {
+        absl::StatusOr<FenceId> f = backend_->RecordFence(blocked->stream());
+        if (!f.ok()) continue;
+        absl::StatusOr<bool> done = backend_->FenceDone(*f);
+        if (done.ok() && *done) ++wrong;
+        (void)backend_->ReleaseFence(*f);
+      }
+    });
+  }
+  threads.emplace_back([&] {  // Idle fences recycle events fast.
+    while (!stop.load()) {
+      absl::StatusOr<FenceId> f = backend_->RecordFence(Stream::Legacy());
+      if (!f.ok()) continue;
+      (void)backend_->WaitFence(*f);
+      (void)backend_->ReleaseFence(*f);
+    }
+  });
+  threads[0].join();
+  threads[1].join();
+  stop.store(true);
+  threads[2].join();
+  blocked->Release();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(backend_->counters().fences, 0);
+}
+
+// Issue 11 item 8: one granule more than the device has free cannot be
+// created; the only code the contract allows for that is ResourceExhausted.
+TEST_F(CudaBackendTest, CreatingMoreThanTheFreeMemoryIsResourceExhausted) {
+  VATTN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<PrimaryContext> ctx,
+                             PrimaryContext::Make());
+  const std::size_t free_bytes = ctx->FreeBytes();
+  ASSERT_GT(free_bytes, 0u);
+  const std::size_t ask = (free_bytes + g_ - 1) / g_ * g_ + g_;
+  const BackendCounters before = backend_->counters();
+  const absl::StatusOr<PhysicalHandle> h = backend_->Create(ask);
+  if (h.ok()) (void)backend_->Destroy(*h);
+  ASSERT_FALSE(h.ok()) << "cuMemCreate of " << ask << " bytes (free "
+                       << free_bytes << ") succeeded";
+  EXPECT_EQ(h.status().code(), absl::StatusCode::kResourceExhausted)
+      << testing::Describe(h);
+  EXPECT_THAT(std::string(h.status().message()), HasSubstr("cuMemCreate"));
+  const BackendCounters after = backend_->counters();
+  EXPECT_EQ(after.handles, before.handles);
+  EXPECT_EQ(after.physical_bytes, before.physical_bytes);
+  EXPECT_EQ(after.failed_calls, before.failed_calls + 1);
+  std::printf("Create(free %zu + granule) -> %s\n", free_bytes,
+              testing::Describe(h).c_str());
+}
+
+// Issue 11 item 3: the default budget is the free memory at Create less
+// the documented margin, not the device's total.
+TEST_F(CudaBackendTest, DefaultBudgetIsFreeMemoryLessTheMargin) {
+  VATTN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<PrimaryContext> ctx,
+                             PrimaryContext::Make());
+  const BackendCapabilities& caps = backend_->capabilities();
+  const std::size_t free_now = ctx->FreeBytes();
+  const std::size_t margin =
+      std::max(internal::kCudaBudgetMarginMinBytes,
+               caps.physical_memory_bytes / internal::kCudaBudgetMarginDivisor);
+  EXPECT_EQ(caps.default_budget_bytes % g_, 0u);
+  EXPECT_LT(caps.default_budget_bytes, caps.physical_memory_bytes);
+  // Free memory moves a little (other processes, this one's context).
+  const double slack = 512.0 * kMiB;
+  EXPECT_NEAR(static_cast<double>(caps.default_budget_bytes + margin),
+              static_cast<double>(free_now), slack);
+  std::printf("default budget %zu MiB, free %zu MiB, total %zu MiB\n",
+              caps.default_budget_bytes / kMiB, free_now / kMiB,
+              caps.physical_memory_bytes / kMiB);
 }
 
 #else  // !VATTN_HAVE_CUDA_HEADERS
