@@ -455,4 +455,39 @@ int vattn_cache_bytes_per_token(const vattn_cache* cache, int64_t* out) {
   return static_cast<int>(VATTN_OK);
 }
 
+int vattn_cache_slot_ranges(const vattn_cache* cache, int slot, int64_t tokens,
+                            vattn_memory_range* out, size_t capacity,
+                            size_t* count) {
+  constexpr const char* kFn = "vattn_cache_slot_ranges";
+  return vattn::Guard(kFn, [&] {
+    if (cache == nullptr) return vattn::NullArgument(kFn, "cache");
+    if (count == nullptr) return vattn::NullArgument(kFn, "count");
+    if (out == nullptr && capacity > 0) return vattn::NullArgument(kFn, "out");
+    const absl::StatusOr<std::vector<vattn::MemoryRange>> ranges =
+        cache->cache->SlotRanges(slot, tokens);
+    if (!ranges.ok()) return vattn::Fail(kFn, ranges.status());
+    *count = ranges->size();
+    if (capacity < ranges->size()) {
+      return vattn::Fail(kFn, absl::InvalidArgumentError(absl::StrCat(
+                                  "capacity ", capacity, " is below the ",
+                                  ranges->size(), " ranges of slot ", slot)));
+    }
+    for (std::size_t i = 0; i < ranges->size(); ++i) {
+      out[i].address = static_cast<uint64_t>((*ranges)[i].address);
+      out[i].bytes = (*ranges)[i].bytes;
+    }
+    return static_cast<int>(VATTN_OK);
+  });
+}
+
+int vattn_cache_reservation(const vattn_cache* cache, vattn_memory_range* out) {
+  constexpr const char* kFn = "vattn_cache_reservation";
+  if (cache == nullptr) return vattn::NullArgument(kFn, "cache");
+  if (out == nullptr) return vattn::NullArgument(kFn, "out");
+  const vattn::MemoryRange r = cache->cache->Reservation();
+  out->address = static_cast<uint64_t>(r.address);
+  out->bytes = r.bytes;
+  return static_cast<int>(VATTN_OK);
+}
+
 }  // extern "C"

@@ -349,6 +349,32 @@ VATTN_EXPORT int vattn_cache_get_slot(const vattn_cache* cache, int slot,
 VATTN_EXPORT int vattn_cache_bytes_per_token(const vattn_cache* cache,
                                              int64_t* out);
 
+/* A virtual address range of the cache (vattn::MemoryRange). */
+typedef struct vattn_memory_range {
+  uint64_t address; /* A device address on device backends. */
+  size_t bytes;
+} vattn_memory_range;
+
+/* The ranges that hold tokens [0, tokens) of an active slot, for a transfer
+ * engine (KVCache::SlotRanges: one range in token-major, 2 x num_layers in
+ * layer-major, K of layer 0, V of layer 0, K of layer 1, ...; none for
+ * tokens == 0). Sets *count to the number of ranges and writes them to
+ * out[0 .. *count) when capacity allows; out may be NULL with capacity 0 to
+ * ask for the count only. Thread-safe.
+ * InvalidArgument: a NULL cache or count, out NULL with capacity > 0, a bad
+ * slot, tokens < 0, or capacity below the count (then *count is still set).
+ * FailedPrecondition: the slot is not active. OutOfRange: tokens above the
+ * slot's backed tokens or above max_tokens. */
+VATTN_EXPORT int vattn_cache_slot_ranges(const vattn_cache* cache, int slot,
+                                         int64_t tokens,
+                                         vattn_memory_range* out,
+                                         size_t capacity, size_t* count);
+
+/* The cache's whole virtual reservation in *out (KVCache::Reservation): it
+ * never moves for the cache's life. InvalidArgument: a NULL argument. */
+VATTN_EXPORT int vattn_cache_reservation(const vattn_cache* cache,
+                                         vattn_memory_range* out);
+
 #ifdef __cplusplus
 }  /* extern "C" */
 #endif

@@ -609,6 +609,38 @@ void BindCache(nb::module_& m) {
             return ValueOrRaise(std::move(info));
           },
           nb::arg("slot"), "SlotInfo of a slot. InvalidArgumentError: bad slot.")
+      .def(
+          "slot_ranges",
+          [](const PyCache& self, int slot, std::int64_t tokens) {
+            KVCache& c = self.Get();
+            absl::StatusOr<std::vector<MemoryRange>> ranges;
+            {
+              nb::gil_scoped_release release;
+              ranges = c.SlotRanges(slot, tokens);
+            }
+            nb::list out;
+            for (const MemoryRange& r : ValueOrRaise(std::move(ranges))) {
+              out.append(nb::make_tuple(static_cast<std::uint64_t>(r.address), r.bytes));
+            }
+            return out;
+          },
+          nb::arg("slot"), nb::arg("tokens"),
+          "[(address, bytes), ...]: the virtual ranges holding tokens [0, tokens) "
+          "of the slot, for a transfer engine (KVCache::SlotRanges): one range "
+          "in token-major, 2 x num_layers in layer-major (K of layer 0, V of "
+          "layer 0, K of layer 1, ...); [] for tokens == 0. Addresses never "
+          "move for the cache's life. InvalidArgumentError: bad slot or "
+          "tokens < 0; FailedPreconditionError: slot not active; "
+          "OutOfRangeError: tokens above the slot's backed tokens.")
+      .def(
+          "reservation",
+          [](const PyCache& self) {
+            const MemoryRange r = self.Get().Reservation();
+            return nb::make_tuple(static_cast<std::uint64_t>(r.address), r.bytes);
+          },
+          "(address, bytes) of the cache's whole virtual reservation; it never "
+          "moves for the cache's life (KVCache::Reservation). Register it once "
+          "with a transport that needs no pinned pages (see README, Scale-out).")
       .def("wait_for_background_idle",
            [](PyCache& self) {
              KVCache& c = self.Get();
