@@ -86,6 +86,11 @@ PY_VENV       ?= .venv
 PY_BUILD_DIR  ?= build-python
 PY_BUILD_DEPS  = scikit-build-core==1.1.2 nanobind==3.1.0
 PY_TEST_DEPS   = torch==2.15.0 transformers==5.24.0 numpy==2.4.6 pytest==9.2.0
+# NVIDIA NIXL for tests/python/test_nixl_*.py: the CUDA 13 wheel (bundles UCX;
+# imports and moves host memory with no GPU) and the `nixl` meta package,
+# both --no-deps: the meta package would pull both CUDA variants and torch's
+# whole stack. numpy, their one real dependency, is in PY_TEST_DEPS.
+PY_NIXL_DEPS   = nixl-cu13==1.5.1 nixl==1.5.2
 PIP            = $(PY_VENV)/bin/python -m pip --disable-pip-version-check
 
 .PHONY: python-venv python-install test-python
@@ -93,6 +98,7 @@ python-venv:
 	@[ -x $(PY_VENV)/bin/python ] || $(PYTHON) -m venv $(PY_VENV)
 	$(PIP) install -q pip==25.3  # Debian's pip 23.0 has no -C (config settings).
 	$(PIP) install -q $(PY_BUILD_DEPS) $(PY_TEST_DEPS)
+	$(PIP) install -q --no-deps $(PY_NIXL_DEPS)
 
 python-install: python-venv
 	$(PIP) install -q --no-build-isolation --no-deps -Cbuild-dir=$(PY_BUILD_DIR) .
