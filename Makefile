@@ -2,17 +2,28 @@
 #
 #   make demo   install what is missing, build, run the main example
 #   make test   install what is missing, build, run the whole test suite:
-#               ctest in a warnings-as-errors build, then the cpu-labelled
-#               tests again under ThreadSanitizer (clang++)
+#               ctest in a warnings-as-errors build (test-main), the Python
+#               package's tests (test-python), the cpu-labelled tests again
+#               under ThreadSanitizer (test-tsan) and under AddressSanitizer
+#               + UndefinedBehaviorSanitizer with LeakSanitizer (test-asan),
+#               both with clang++, then the fuzz targets under ASan+UBSan:
+#               their seed corpus replayed and FUZZ_SECONDS of fuzzing each
+#               (test-fuzz)
 #
 # Knobs (make VAR=value ...):
-#   BUILD_DIR, TSAN_BUILD_DIR  build directories (build, build-tsan)
+#   BUILD_DIR, TSAN_BUILD_DIR  build directories (build, build-tsan,
+#   ASAN_BUILD_DIR,            build-asan, build-fuzz)
+#   FUZZ_BUILD_DIR
+#   FUZZ_SECONDS               seconds test-fuzz fuzzes each target (60)
 #   JOBS                       parallel compile and test jobs (nproc)
 #   DEMO, DEMO_ARGS            the program `make demo` builds and runs
 #   PREFIX                     where `make install` puts vattn
 
 BUILD_DIR      ?= build
 TSAN_BUILD_DIR ?= build-tsan
+ASAN_BUILD_DIR ?= build-asan
+FUZZ_BUILD_DIR ?= build-fuzz
+FUZZ_SECONDS   ?= 60
 BUILD_TYPE     ?= RelWithDebInfo
 GENERATOR      ?= Ninja
 JOBS           ?= $(shell nproc 2>/dev/null || echo 2)
@@ -35,6 +46,24 @@ TSAN_FLAGS = -G "$(GENERATOR)" -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) \
              -DVATTN_BUILD_BENCHMARKS=OFF -DVATTN_BUILD_EXAMPLES=OFF \
              $(CMAKE_FLAGS)
 TSAN_OPTIONS_RUN ?= halt_on_error=1 second_deadlock_stack=1
+# AddressSanitizer + UndefinedBehaviorSanitizer build: clang++, tests only.
+# Any report is fatal (-fno-sanitize-recover=all, see
+# cmake/VattnDependencies.cmake); LeakSanitizer runs at every exit.
+ASAN_FLAGS = -G "$(GENERATOR)" -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) \
+             -DCMAKE_CXX_COMPILER=clang++ -DVATTN_SANITIZE=address,undefined \
+             -DVATTN_WERROR=ON -DVATTN_BUILD_TESTS=ON \
+             -DVATTN_BUILD_BENCHMARKS=OFF -DVATTN_BUILD_EXAMPLES=OFF \
+             $(CMAKE_FLAGS)
+# Fuzzing build: the library with libFuzzer's coverage instrumentation plus
+# ASan+UBSan, and the fuzz targets of tests/fuzz/ (nothing else).
+FUZZ_FLAGS = -G "$(GENERATOR)" -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) \
+             -DCMAKE_CXX_COMPILER=clang++ -DVATTN_SANITIZE=address,undefined \
+             -DVATTN_FUZZ=ON -DVATTN_FUZZ_SECONDS=$(FUZZ_SECONDS) \
+             -DVATTN_WERROR=ON -DVATTN_BUILD_TESTS=OFF \
+             -DVATTN_BUILD_BENCHMARKS=OFF -DVATTN_BUILD_EXAMPLES=OFF \
+             -DVATTN_BUILD_C_SHARED=OFF $(CMAKE_FLAGS)
+ASAN_OPTIONS_RUN ?= detect_leaks=1:detect_stack_use_after_return=1:check_initialization_order=1:strict_init_order=1
+UBSAN_OPTIONS_RUN ?= print_stacktrace=1:halt_on_error=1
 # Clang 14's TSan cannot map its shadow memory when the kernel randomizes
 # mmap with more than 28 bits; run without ASLR there (when allowed).
 TSAN_LAUNCH := $(shell [ "$$(cat /proc/sys/vm/mmap_rnd_bits 2>/dev/null || echo 28)" -gt 28 ] && \
@@ -42,7 +71,7 @@ TSAN_LAUNCH := $(shell [ "$$(cat /proc/sys/vm/mmap_rnd_bits 2>/dev/null || echo 
                  echo "setarch $$(uname -m) -R")
 
 .PHONY: demo test setup configure build test-main configure-tsan test-tsan \
-        install clean
+        configure-asan test-asan configure-fuzz test-fuzz install clean
 
 demo: setup configure
 	$(CMAKE) --build $(BUILD_DIR) --target $(DEMO) -j $(JOBS)
@@ -52,6 +81,8 @@ test: setup
 	$(MAKE) --no-print-directory test-main
 	$(MAKE) --no-print-directory test-python
 	$(MAKE) --no-print-directory test-tsan
+	$(MAKE) --no-print-directory test-asan
+	$(MAKE) --no-print-directory test-fuzz
 
 setup:
 	@bash scripts/setup.sh
@@ -72,6 +103,24 @@ test-tsan: configure-tsan
 	$(CMAKE) --build $(TSAN_BUILD_DIR) -j $(JOBS)
 	cd $(TSAN_BUILD_DIR) && TSAN_OPTIONS="$(TSAN_OPTIONS_RUN)" \
 	  $(TSAN_LAUNCH) $(CTEST) --output-on-failure -j $(JOBS) -L cpu
+
+configure-asan:
+	$(CMAKE) -S . -B $(ASAN_BUILD_DIR) $(ASAN_FLAGS)
+
+test-asan: configure-asan
+	$(CMAKE) --build $(ASAN_BUILD_DIR) -j $(JOBS)
+	cd $(ASAN_BUILD_DIR) && ASAN_OPTIONS="$(ASAN_OPTIONS_RUN)" \
+	  UBSAN_OPTIONS="$(UBSAN_OPTIONS_RUN)" \
+	  $(CTEST) --output-on-failure -j $(JOBS) -L cpu
+
+configure-fuzz:
+	$(CMAKE) -S . -B $(FUZZ_BUILD_DIR) $(FUZZ_FLAGS)
+
+test-fuzz: configure-fuzz
+	$(CMAKE) --build $(FUZZ_BUILD_DIR) -j $(JOBS)
+	cd $(FUZZ_BUILD_DIR) && ASAN_OPTIONS="$(ASAN_OPTIONS_RUN)" \
+	  UBSAN_OPTIONS="$(UBSAN_OPTIONS_RUN)" \
+	  $(CTEST) --output-on-failure -L fuzz
 
 install: build
 	$(CMAKE) --install $(BUILD_DIR) --prefix $(PREFIX)
@@ -107,4 +156,4 @@ test-python: python-install
 	$(PY_VENV)/bin/python -m pytest -p no:cacheprovider tests/python
 
 clean:
-	rm -rf $(BUILD_DIR) $(TSAN_BUILD_DIR)
+	rm -rf $(BUILD_DIR) $(TSAN_BUILD_DIR) $(ASAN_BUILD_DIR) $(FUZZ_BUILD_DIR)

@@ -64,7 +64,24 @@ if(NOT VATTN_WITH_CUDA STREQUAL "OFF")
   endif()
 endif()
 
+# Sanitizers for every target: VATTN_SANITIZE is a -fsanitize= list
+# ("thread", "address", "address,undefined"). Any report is fatal
+# (-fno-sanitize-recover=all), so a UBSan finding fails its test instead of
+# printing a line nobody reads. VATTN_FUZZ adds libFuzzer's coverage
+# instrumentation (-fsanitize=fuzzer-no-link, clang only) to every target;
+# the fuzz targets in tests/fuzz/ link libFuzzer itself.
 if(VATTN_SANITIZE)
-  add_compile_options(-fsanitize=${VATTN_SANITIZE} -fno-omit-frame-pointer)
-  add_link_options(-fsanitize=${VATTN_SANITIZE})
+  if(NOT VATTN_SANITIZE MATCHES "^(thread|address|undefined|leak)(,(thread|address|undefined|leak))*$")
+    message(FATAL_ERROR "VATTN_SANITIZE=${VATTN_SANITIZE}: expected a comma list of thread, address, undefined, leak")
+  endif()
+  add_compile_options(-fsanitize=${VATTN_SANITIZE} -fno-sanitize-recover=all
+                      -fno-omit-frame-pointer)
+  add_link_options(-fsanitize=${VATTN_SANITIZE} -fno-sanitize-recover=all)
+endif()
+if(VATTN_FUZZ)
+  if(NOT CMAKE_CXX_COMPILER_ID STREQUAL "Clang")
+    message(FATAL_ERROR "VATTN_FUZZ needs clang++ (libFuzzer); configure with -DCMAKE_CXX_COMPILER=clang++")
+  endif()
+  add_compile_options(-fsanitize=fuzzer-no-link)
+  add_link_options(-fsanitize=fuzzer-no-link)
 endif()

@@ -1,208 +1,362 @@
 #!/usr/bin/env bash
-# Runs vattn's GPU tests from the self-contained bundle (built by
-# scripts/build_gpu_bundle.sh, copied into the bundle as run_gpu.sh).
+# Every GPU path of vattn in one call, from the self-contained bundle (built
+# by scripts/build_gpu_bundle.sh, copied into the bundle as run_gpu.sh):
 #
-#   bundle/run_gpu.sh [extra gtest flags...]
+#   bundle/run_gpu.sh                  # results into $OUT (or bundle/results)
+#   VATTN_GPU_DRY_RUN=1 bundle/run_gpu.sh   # no device: check, skip, report
 #
-# Runs every binary listed in gpu_tests.txt and every *_gpu_test beside this
-# script, each with --gtest_output=json into $OUT (when set) or bundle/results.
-# Prints one row per test case (test, passed/failed/skipped, time) and a row
-# per binary, then runs map_bench --backends=host,cuda (JSON into the same
-# place; VATTN_SKIP_MAP_BENCH=1 skips it) and batch_decode --compare-paged
-# at batch 32 (contexts up to 16k) and 256 (VATTN_SKIP_BATCH_DECODE=1 skips
-# them), and prints nvidia-smi's GPU name line. Exits non-zero when any test
-# failed or any binary crashed. Needs only bash, coreutils, grep and awk.
+# Steps, in this order (most telling first, so a run cut short by its budget
+# still says the most), each with its own timeout; a step that fails or
+# times out does not stop the others:
+#   1. every gpu test binary of gpu_tests.txt (gtest), contract suite first:
+#      backend_contract_gpu_test (the backend contract on CUDA),
+#      cuda_gpu_test (streams, fences on a blocked stream), any
+#      kv_cache*_gpu_test (the cache on CUDA: a real fence, then forced
+#      reclamation), attention_gpu_test (kernels vs the float64 reference)
+#   2. python: the Python package's tests (pytest tests/python) on CUDA with
+#      the machine's torch, in a venv (--system-site-packages) holding the
+#      wheel from bundle/python/ (skipped, with the reason, when the wheel,
+#      torch or pytest is missing; without transformers only the tests
+#      that need it skip)
+#   3. batch_decode --compare-paged, Llama-3-8B, batch 32, contexts to 16k
+#   4. map_bench --backends=cuda,host
+#   5. step_bench --backends=cuda
+#   6. peer_bench on CUDA (skipped, with the reason, when not in the bundle)
+#   7. batch_decode --compare-paged, Llama-3-8B, batch 256
+# and prints ONE table: step, pass/fail/skip, seconds, a short detail.
+# Exit status: 0 when no step failed, 1 otherwise, 2 when the bundle cannot
+# run at all.
 #
-# Files in the results folder (the device machine returns at most 8): one
-# gtest JSON per GPU test binary (3 today), map_bench.json, one JSON per
-# batch_decode run (2) and logs.txt, every step's full log appended as soon
-# as the step ends (so a run cut short still leaves what it did): 7 in all.
-# Per-step logs live in a scratch folder outside the results.
+# Limits (the device machine's): the whole run keeps within
+# VATTN_RUN_BUDGET_S seconds (default 480 = 8 minutes): each step's timeout
+# is cut to what is left (minus 25 s: a step that ignores SIGTERM is killed
+# 10 s later, then the table is printed), and a step with under 20 s left is
+# skipped ("budget"). At most 7 files are written under the results folder:
+#   logs.txt (every step's full log, appended as each step ends, and the
+#   table), map_bench.json, step_bench.json, peer_bench.json,
+#   batch_decode_b32_16k.json, batch_decode_b256.json, pytest.xml.
+# gtest JSON and per-step logs live in a scratch folder; anything else a
+# step leaves in the results folder is folded into logs.txt and removed.
 #
-# The whole run keeps within VATTN_RUN_BUDGET_S seconds (default 480, under
-# the device machine's 10-minute command limit): each step's timeout is cut
-# to what is left, a step with under 20 s left is skipped, and the summary
-# table is always printed last.
+# Dry run (VATTN_GPU_DRY_RUN=1, or automatically when no NVIDIA device is
+# found; VATTN_GPU_DRY_RUN=0 forces a real run): every step is checked
+# without a device - its binary is in the bundle and starts
+# (--gtest_list_tests or --help), the wheel is there - and reported as skip
+# with the reason; a binary that does not start is a fail.
+#
+# Knobs: VATTN_RUN_BUDGET_S, VATTN_GPU_STEPS (comma list of step names to
+# run; default all), VATTN_STEP_CAP_S (lowers every step's cap),
+# VATTN_KILL_GRACE_S (10: SIGKILL that long after a step's SIGTERM),
+# VATTN_BUNDLE_RUNTIME=fallback (use fallback/'s C++ runtime), PYTHON
+# (python3). Needs bash, coreutils, grep, awk. tests/gpu_bundle_test.sh
+# checks the budget, timeout, file-limit and dry-run logic on stubs.
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RESULTS="${OUT:-$HERE/results}"
 mkdir -p "$RESULTS"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/vattn_gpu_run.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
 ALL_LOGS="$RESULTS/logs.txt"
 : >"$ALL_LOGS"
-PER_BINARY_TIMEOUT="${PER_BINARY_TIMEOUT:-180}"
 RUN_BUDGET_S="${VATTN_RUN_BUDGET_S:-480}"
+MAX_FILES=7
 RUN_START=$(date +%s)
+PYTHON="${PYTHON:-python3}"
 
-# Seconds a step may take: its own cap, cut to the budget that is left
-# (minus 25 s: a step that ignores SIGTERM is killed 10 s later, and the
-# summary comes after). Prints 0 when under 20 s are left.
-step_timeout() {
-  local left=$((RUN_BUDGET_S - ($(date +%s) - RUN_START) - 25))
-  if ((left < 20)); then echo 0; elif (($1 < left)); then echo "$1"; else echo "$left"; fi
+# ---- Budget --------------------------------------------------------------------
+# Seconds a step may take: its own cap, cut to what is left of the budget
+# (minus 25 s for the kill grace and the table). 0 when under 20 s are left.
+STEP_CAP_S="${VATTN_STEP_CAP_S:-}"   # lowers every step's cap (tests)
+KILL_GRACE_S="${VATTN_KILL_GRACE_S:-10}"
+step_timeout() {  # cap
+  local cap="$1" left=$((RUN_BUDGET_S - ($(date +%s) - RUN_START) - 25))
+  [[ -n "$STEP_CAP_S" ]] && ((STEP_CAP_S < cap)) && cap="$STEP_CAP_S"
+  if ((left < 20)); then echo 0; elif ((cap < left)); then echo "$cap"; else echo "$left"; fi
 }
-# Appends a step's log to logs.txt under a header.
-keep_log() {  # name, log file
+keep_log() {  # title, log file
   { echo "===== $1"; cat "$2" 2>/dev/null; echo; } >>"$ALL_LOGS"
 }
+now() { date +%s.%N; }
+since() { awk -v s="$1" -v e="$(now)" 'BEGIN {printf "%.1f", e - s}'; }
 
-mapfile -t tests < <(
+# ---- The table -------------------------------------------------------------------
+rows=()
+failed=0
+row() {  # step, result (pass/fail/skip), seconds, detail
+  rows+=("$(printf '%-26s %-5s %7s  %s' "$1" "$2" "$3" "$4")")
+  [[ "$2" == fail ]] && failed=1
+  printf '== %-26s %-5s %7s  %s\n' "$1" "$2" "$3" "$4"
+}
+wanted() {  # step name: in VATTN_GPU_STEPS (or no list given)?
+  [[ -z "${VATTN_GPU_STEPS:-}" ]] && return 0
+  [[ ",${VATTN_GPU_STEPS}," == *",$1,"* ]]
+}
+
+# ---- Device or dry run -------------------------------------------------------------
+DRY=0
+DRY_WHY=""
+if [[ "${VATTN_GPU_DRY_RUN:-}" == 1 ]]; then
+  DRY=1; DRY_WHY="dry run (VATTN_GPU_DRY_RUN=1)"
+elif [[ "${VATTN_GPU_DRY_RUN:-}" != 0 ]]; then
+  if ! command -v nvidia-smi >/dev/null 2>&1 && [[ ! -e /dev/nvidia0 ]]; then
+    DRY=1; DRY_WHY="dry run: no NVIDIA device (no nvidia-smi, no /dev/nvidia0)"
+  elif command -v nvidia-smi >/dev/null 2>&1 && ! nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+    DRY=1; DRY_WHY="dry run: nvidia-smi lists no GPU"
+  fi
+fi
+
+# ---- The bundle's binaries and C++ runtime -------------------------------------------
+mapfile -t gtests < <(
   {
     [[ -f "$HERE/gpu_tests.txt" ]] && cat "$HERE/gpu_tests.txt"
     for f in "$HERE"/*_gpu_test; do [[ -x "$f" ]] && basename "$f"; done
-  } | sort -u)
-if ((${#tests[@]} == 0)); then
+  } | sort -u |
+  # Contract suite first, the CUDA backend, the cache, the kernels last.
+  awk '{p = 5}
+       /^backend_contract/ {p = 1} /^cuda_/ {p = 2} /^kv_cache/ {p = 3}
+       /^attention/ {p = 4} {print p, $0}' | sort -k1,1n -k2 | cut -d' ' -f2)
+probe_bin=""
+for f in "${gtests[@]}"; do [[ -x "$HERE/$f" ]] && { probe_bin="$f"; break; }; done
+if [[ -z "$probe_bin" ]]; then
   echo "run_gpu: no GPU test binaries in $HERE" >&2
   exit 2
 fi
-
-# The C++ runtime: the system's when the binaries start with it, else the
-# copy in fallback/ (which needs a glibc at least as new as the build
-# machine's; see build_gpu_bundle.sh). VATTN_BUNDLE_RUNTIME=fallback forces
-# the copy.
-probe_start() { "$HERE/${tests[0]}" --gtest_list_tests >/dev/null 2>"$WORK/probe.err"; }
+# The system's C++ runtime when the binaries start with it, else fallback/
+# (see build_gpu_bundle.sh).
+probe_start() { timeout 30 "$HERE/$probe_bin" --gtest_list_tests >/dev/null 2>"$WORK/probe.err"; }
 runtime="system"
 if [[ "${VATTN_BUNDLE_RUNTIME:-}" == fallback ]] || ! probe_start; then
   export LD_LIBRARY_PATH="$HERE/fallback${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   runtime="fallback/"
   if ! probe_start; then
-    echo "run_gpu: ${tests[0]} does not start with the system's C++ runtime nor with fallback/:" >&2
+    echo "run_gpu: $probe_bin starts neither with the system's C++ runtime nor with fallback/:" >&2
     cat "$WORK/probe.err" >&2
     echo "glibc here: $(ldd --version 2>&1 | head -1)" >&2
     exit 2
   fi
 fi
 
-echo "== vattn GPU bundle $(cat "$HERE/VERSION" 2>/dev/null || echo '?') on $(cat /proc/sys/kernel/hostname 2>/dev/null || echo '?')"
-echo "== $(ldd --version 2>&1 | head -1); C++ runtime: $runtime"
-if command -v nvidia-smi >/dev/null 2>&1; then
-  nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>&1 |
-    sed 's/^/== GPU: /'
-else
-  echo "== GPU: nvidia-smi not found"
-fi
-
-status=0
-summary=()
-for t in "${tests[@]}"; do
-  bin="$HERE/$t"
-  [[ -x "$bin" ]] || { echo "run_gpu: $t missing" >&2; status=1; continue; }
-  log="$WORK/$t.log"
-  limit=$(step_timeout "$PER_BINARY_TIMEOUT")
-  if ((limit == 0)); then
-    echo "run_gpu: $t not run: the ${RUN_BUDGET_S}s budget is spent" >&2
-    summary+=("$(printf '%-34s %6s %6s %7s %9s  not run (budget)' "$t" - - - -)")
-    status=1; continue
+{
+  echo "== vattn GPU bundle $(cat "$HERE/VERSION" 2>/dev/null || echo '?') on $(cat /proc/sys/kernel/hostname 2>/dev/null || echo '?'), $(date -u +%FT%TZ)"
+  echo "== $(ldd --version 2>&1 | head -1); C++ runtime: $runtime; budget ${RUN_BUDGET_S}s"
+  if ((DRY)); then
+    echo "== $DRY_WHY"
+  else
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      nvidia-smi --query-gpu=index,name,driver_version,memory.total,memory.used \
+        --format=csv,noheader 2>&1 | sed 's/^/== GPU: /'
+    else
+      echo "== GPU: nvidia-smi not found"
+    fi
   fi
-  start=$(date +%s.%N)
-  timeout -k 10 "$limit" "$bin" --gtest_output="json:$RESULTS/$t.json" \
-    --gtest_color=no "$@" >"$log" 2>&1
+} | tee -a "$ALL_LOGS"
+
+# Does the binary start? (the dry run's check; cheap in a real run too)
+starts() {  # name, probe flag
+  timeout 20 "$HERE/$1" "$2" >"$WORK/$1.probe" 2>&1
+}
+
+# ---- Steps -------------------------------------------------------------------------
+# A gtest binary: pass when it exits 0 with some test run, skip when every
+# test skipped (with the first reason), fail otherwise.
+run_gtest() {  # name, cap
+  local name="$1" cap="$2" limit start rc secs p f s why
+  wanted "$name" || return 0
+  if ((DRY)); then
+    if starts "$name" --gtest_list_tests; then
+      row "$name" skip - "$DRY_WHY; starts, $(grep -c '^  ' "$WORK/$name.probe") tests listed"
+    else
+      row "$name" fail - "does not start: $(head -1 "$WORK/$name.probe")"
+    fi
+    return
+  fi
+  limit=$(step_timeout "$cap")
+  ((limit > 0)) || { row "$name" skip - "budget: under 20 s left"; return; }
+  start=$(now)
+  timeout -k "$KILL_GRACE_S" "$limit" "$HERE/$name" --gtest_color=no \
+    --gtest_output="json:$WORK/$name.json" >"$WORK/$name.log" 2>&1
   rc=$?
-  keep_log "$t (rc=$rc)" "$log"
-  secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN {printf "%.2f", e - s}')
-  read -r passed failed skipped < <(awk '
+  secs=$(since "$start")
+  keep_log "$name (rc=$rc, ${secs}s)" "$WORK/$name.log"
+  read -r p f s < <(awk '
     /^\[       OK \] /        {p++}
     /^\[  FAILED  \] .*\(/    {f++}
     /^\[  SKIPPED \] .*\(/    {s++}
-    END {print p+0, f+0, s+0}' "$log")
-  if ((rc != 0)); then status=1; fi
-  summary+=("$(printf '%-34s %6s %6s %7s %8ss  rc=%d' "$t" "$passed" "$failed" "$skipped" "$secs" "$rc")")
-
-  echo
-  echo "== $t (rc=$rc, ${secs}s; full log in $ALL_LOGS)"
-  printf '%-72s %-8s %s\n' "test" "result" "time"
-  awk '
-    /^\[       OK \] /     {r = "passed"}
-    /^\[  FAILED  \] .*\(/ {r = "FAILED"}
-    /^\[  SKIPPED \] .*\(/ {r = "skipped"}
-    r != "" {
-      line = $0; sub(/^\[[^]]*\] /, "", line)
-      name = line; sub(/ \(.*$/, "", name)
-      tm = line; sub(/^.*\(/, "", tm); sub(/\).*$/, "", tm)
-      printf "%-72s %-8s %s\n", name, r, tm
-      r = ""
-    }' "$log"
-  # Why tests failed (first lines of each failure), and the distinct reasons
-  # for skips.
-  grep -E -A3 ': Failure$' "$log" | head -40 | sed 's/^/   | failure: /'
-  grep -A1 -E ': Skipped$' "$log" | grep -v -E ': Skipped$|^--$' | sort | uniq -c |
-    sort -rn | head -5 | sed 's/^ */   | skipped x/'
-  if ((rc > 1)); then
-    echo "   | binary exited with rc=$rc (crash or timeout); last lines:"
-    tail -5 "$log" | sed 's/^/   | /'
+    END {print p+0, f+0, s+0}' "$WORK/$name.log")
+  if ((rc == 124 || rc == 137)); then
+    row "$name" fail "$secs" "timed out after ${limit}s ($p passed so far)"
+  elif ((rc != 0 || f > 0)); then
+    why="$(grep -m1 -E '^\[  FAILED  \] [^ ]+\.' "$WORK/$name.log" | sed 's/^\[  FAILED  \] //; s/ (.*//')"
+    row "$name" fail "$secs" "rc=$rc, $p passed, $f failed${why:+ (first: $why)}, $s skipped"
+  elif ((p == 0 && s > 0)); then
+    why="$(grep -A1 -m1 ': Skipped$' "$WORK/$name.log" | tail -1 | cut -c1-60)"
+    row "$name" skip "$secs" "all $s skipped: ${why:-no reason printed}"
+  else
+    row "$name" pass "$secs" "$p passed, $s skipped"
   fi
-done
+}
 
-# The map path against the driver's floor: map_bench on CUDA, with the Host
-# figures in the same run (ratios are within one backend), JSON into
-# $RESULTS. Takes well under a minute on an H100/H200; capped by
-# MAP_BENCH_TIMEOUT (default 150 s) and by the run's budget.
-if [[ -x "$HERE/map_bench" && "${VATTN_SKIP_MAP_BENCH:-}" != 1 ]] &&
-   limit=$(step_timeout "${MAP_BENCH_TIMEOUT:-150}") && ((limit > 0)); then
-  echo
-  echo "== map_bench --backends=host,cuda (JSON: $RESULTS/map_bench.json)"
-  start=$(date +%s.%N)
-  timeout -k 10 "$limit" "$HERE/map_bench" --backends=host,cuda \
-    --benchmark_out="$RESULTS/map_bench.json" --benchmark_out_format=json \
-    >"$WORK/map_bench.log" 2>&1
-  rc=$?
-  keep_log "map_bench (rc=$rc)" "$WORK/map_bench.log"
-  secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN {printf "%.2f", e - s}')
-  # Raw calls (benchmark, median us), the summary tables (library vs raw,
-  # with the ratio column) and any error.
-  awk '/^Raw\// {p50 = ""; for (i = 1; i <= NF; i++) if ($i ~ /^p50_us=/) p50 = substr($i, 8);
-       printf "%-44s p50 %s us\n", $1, p50}' "$WORK/map_bench.log"
-  sed -n '/^Library path vs raw/,$p' "$WORK/map_bench.log"
-  grep -m3 'ERROR OCCURRED' "$WORK/map_bench.log" | sed 's/^/   | /'
-  if ((rc != 0)); then status=1; fi
-  summary+=("$(printf '%-34s %6s %6s %7s %8ss  rc=%d' map_bench - - - "$secs" "$rc")")
-elif [[ -x "$HERE/map_bench" && "${VATTN_SKIP_MAP_BENCH:-}" != 1 ]]; then
-  summary+=("$(printf '%-34s %6s %6s %7s %9s  not run (budget)' map_bench - - - -)")
-  status=1
-fi
-
-# The main job on the GPU: batch_decode, vattn against the paged baseline on
-# the same requests (Llama-3-8B shape, fp16), with attention outputs checked
-# against the float64 reference: batch 32 with contexts up to 16k, and
-# batch 256. JSON summaries into $RESULTS. About a minute in all on an
-# H100/H200; each run capped by BATCH_DECODE_TIMEOUT (default 150 s) and by
-# the run's budget; VATTN_SKIP_BATCH_DECODE=1 skips them.
-if [[ -x "$HERE/batch_decode" && "${VATTN_SKIP_BATCH_DECODE:-}" != 1 ]]; then
-  run_batch_decode() {  # name, flags...
-    local name="$1"; shift
-    local start rc secs limit
-    limit=$(step_timeout "${BATCH_DECODE_TIMEOUT:-150}")
-    if ((limit == 0)); then
-      echo "run_gpu: $name not run: the ${RUN_BUDGET_S}s budget is spent" >&2
-      summary+=("$(printf '%-34s %6s %6s %7s %9s  not run (budget)' "$name" - - - -)")
-      status=1; return
+# A program with a JSON result: pass when it exits 0.
+run_program() {  # step name, cap, json file (or -), binary, args...
+  local name="$1" cap="$2" json="$3" bin="$4" limit start rc secs
+  shift 4
+  wanted "$name" || return 0
+  if [[ ! -x "$HERE/$bin" ]]; then
+    row "$name" fail - "$bin is not in the bundle"
+    return
+  fi
+  if ((DRY)); then
+    if starts "$bin" --help; then
+      row "$name" skip - "$DRY_WHY; $bin starts"
+    else
+      row "$name" fail - "$bin --help fails: $(head -1 "$WORK/$bin.probe")"
     fi
-    echo
-    echo "== batch_decode $* (JSON: $RESULTS/$name.json)"
-    start=$(date +%s.%N)
-    timeout -k 10 "$limit" "$HERE/batch_decode" --backend=cuda --no-progress \
-      --compare-paged --json="$RESULTS/$name.json" "$@" >"$WORK/$name.log" 2>&1
-    rc=$?
-    keep_log "$name (rc=$rc)" "$WORK/$name.log"
-    secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN {printf "%.2f", e - s}')
-    cat "$WORK/$name.log"
-    if ((rc != 0)); then status=1; fi
-    summary+=("$(printf '%-34s %6s %6s %7s %8ss  rc=%d' "$name" - - - "$secs" "$rc")")
-  }
-  run_batch_decode batch_decode_llama3_8b_b32_16k --model=llama3-8b --max_slots=32 \
-    --max_tokens=16384 --requests=64 --prompt=1024:15360 --output=32:128 --check=4
-  run_batch_decode batch_decode_llama3_8b_b256 --model=llama3-8b --max_slots=256 \
-    --max_tokens=4096 --requests=512 --prompt=128:2048 --output=64:256 --check=4
+    return
+  fi
+  limit=$(step_timeout "$cap")
+  ((limit > 0)) || { row "$name" skip - "budget: under 20 s left"; return; }
+  start=$(now)
+  timeout -k "$KILL_GRACE_S" "$limit" "$HERE/$bin" "$@" >"$WORK/$name.log" 2>&1
+  rc=$?
+  secs=$(since "$start")
+  keep_log "$name: $bin $* (rc=$rc, ${secs}s)" "$WORK/$name.log"
+  if ((rc == 124 || rc == 137)); then
+    row "$name" fail "$secs" "timed out after ${limit}s"
+  elif ((rc != 0)); then
+    row "$name" fail "$secs" "rc=$rc: $(grep -m1 -i -E 'error|fail' "$WORK/$name.log" | cut -c1-70)"
+  else
+    row "$name" pass "$secs" "${json:+$(basename "$json")}"
+  fi
+}
+
+# The Python package's tests, in a venv over the machine's torch. Without
+# transformers the tests that need it skip (pytest.importorskip) and the
+# rest still run; without torch or pytest the step is skipped.
+run_python() {
+  local name=python cap=150 limit start rc secs wheel missing="" note="" p f s
+  wanted "$name" || return 0
+  wheel="$(ls "$HERE"/python/*.whl 2>/dev/null | head -1)"
+  if [[ -z "$wheel" ]]; then
+    row "$name" skip - "no wheel in bundle/python/ ($(head -1 "$HERE/python/NO_WHEEL.txt" 2>/dev/null || echo 'not built'))"
+    return
+  fi
+  if [[ ! -d "$HERE/python/tests" ]]; then
+    row "$name" fail - "bundle/python/tests/ is missing"
+    return
+  fi
+  if ((DRY)); then
+    row "$name" skip - "$DRY_WHY; $(basename "$wheel") present"
+    return
+  fi
+  for mod in torch pytest; do
+    "$PYTHON" -c "import $mod" >/dev/null 2>&1 || missing+="${missing:+, }$mod"
+  done
+  if [[ -n "$missing" ]]; then
+    row "$name" skip - "$PYTHON lacks $missing"
+    return
+  fi
+  # A cpXY wheel installs only on Python X.Y.
+  local tag want
+  tag="$("$PYTHON" -c 'import sys; print("cp%d%d" % sys.version_info[:2])' 2>/dev/null)"
+  want="$(basename "$wheel" | grep -o -E -- '-cp[0-9]+-' | head -1 | tr -d -)"
+  if [[ -n "$want" && "$want" != "$tag" ]]; then
+    row "$name" skip - "$(basename "$wheel") is for $want, $PYTHON is $tag"
+    return
+  fi
+  "$PYTHON" -c "import transformers" >/dev/null 2>&1 || note="; no transformers: its tests skip"
+  limit=$(step_timeout "$cap")
+  ((limit > 0)) || { row "$name" skip - "budget: under 20 s left"; return; }
+  start=$(now)
+  # venv, install, pytest: all under the step's timeout.
+  timeout -k "$KILL_GRACE_S" "$limit" bash -c '
+    set -e
+    "$1" -m venv --system-site-packages "$2"
+    "$2/bin/python" -m pip install --no-deps --no-index --quiet "$3"
+    cd "$4"
+    exec "$2/bin/python" -m pytest -q -p no:cacheprovider --junitxml="$5" .
+  ' run_python "$PYTHON" "$WORK/venv" "$wheel" "$HERE/python/tests" \
+    "$RESULTS/pytest.xml" >"$WORK/$name.log" 2>&1
+  rc=$?
+  secs=$(since "$start")
+  keep_log "$name: pytest tests/python (rc=$rc, ${secs}s)" "$WORK/$name.log"
+  read -r p f s < <(awk '
+    match($0, /[0-9]+ passed/)  {p = substr($0, RSTART, RLENGTH) + 0}
+    match($0, /[0-9]+ failed/)  {f = substr($0, RSTART, RLENGTH) + 0}
+    match($0, /[0-9]+ skipped/) {s = substr($0, RSTART, RLENGTH) + 0}
+    END {print p+0, f+0, s+0}' "$WORK/$name.log")
+  if ((rc == 124 || rc == 137)); then
+    row "$name" fail "$secs" "timed out after ${limit}s"
+  elif ((rc != 0)); then
+    row "$name" fail "$secs" "rc=$rc, $p passed, $f failed: $(grep -m1 -E '^(FAILED|ERROR)' "$WORK/$name.log" | cut -c1-50)"
+  else
+    row "$name" pass "$secs" "$p passed, $s skipped$note"
+  fi
+}
+
+run_peer_bench() {
+  wanted peer_bench || return 0
+  if [[ ! -x "$HERE/peer_bench" ]]; then
+    row peer_bench skip - "peer_bench is not in the bundle (benchmarks/peer_bench.cc not built yet)"
+    return
+  fi
+  # Its flags are its own: pass the backend and JSON output only if it
+  # takes them (its --help says so).
+  local args=() help
+  help="$(timeout 20 "$HERE/peer_bench" --help 2>&1)"
+  grep -q -- '--backends' <<<"$help" && args+=(--backends=cuda)
+  grep -q -- '--backend=' <<<"$help" && args+=(--backend=cuda)
+  if grep -q -- '--benchmark_out' <<<"$help"; then
+    args+=(--benchmark_out="$RESULTS/peer_bench.json" --benchmark_out_format=json)
+  elif grep -q -- '--json' <<<"$help"; then
+    args+=(--json="$RESULTS/peer_bench.json")
+  fi
+  run_program peer_bench 120 "$RESULTS/peer_bench.json" peer_bench "${args[@]}"
+}
+
+for t in "${gtests[@]}"; do
+  case "$t" in
+    backend_contract*) cap=90 ;;
+    attention*) cap=120 ;;
+    *) cap=120 ;;
+  esac
+  run_gtest "$t" "$cap"
+done
+run_python
+run_program batch_decode_b32_16k 120 "$RESULTS/batch_decode_b32_16k.json" batch_decode \
+  --backend=cuda --no-progress --compare-paged --json="$RESULTS/batch_decode_b32_16k.json" \
+  --model=llama3-8b --max_slots=32 --max_tokens=16384 --requests=64 \
+  --prompt=1024:15360 --output=32:128 --check=4
+run_program map_bench 120 "$RESULTS/map_bench.json" map_bench --backends=cuda,host \
+  --benchmark_out="$RESULTS/map_bench.json" --benchmark_out_format=json
+run_program step_bench 120 "$RESULTS/step_bench.json" step_bench --backends=cuda \
+  --benchmark_out="$RESULTS/step_bench.json" --benchmark_out_format=json
+run_peer_bench
+run_program batch_decode_b256 120 "$RESULTS/batch_decode_b256.json" batch_decode \
+  --backend=cuda --no-progress --compare-paged --json="$RESULTS/batch_decode_b256.json" \
+  --model=llama3-8b --max_slots=256 --max_tokens=4096 --requests=512 \
+  --prompt=128:2048 --output=64:256 --check=4
+
+# ---- At most MAX_FILES files in the results folder ---------------------------------
+mapfile -t files < <(find "$RESULTS" -mindepth 1 -maxdepth 1 | sort)
+if ((${#files[@]} > MAX_FILES)); then
+  for f in "${files[@]}"; do
+    case "$(basename "$f")" in
+      logs.txt | map_bench.json | step_bench.json | peer_bench.json | \
+      batch_decode_b32_16k.json | batch_decode_b256.json | pytest.xml) ;;
+      *)
+        if [[ -f "$f" ]]; then keep_log "unexpected result file $(basename "$f")" "$f"; fi
+        rm -rf "$f"
+        ;;
+    esac
+  done
 fi
 
-echo
-echo "== summary"
-printf '%-34s %6s %6s %7s %9s\n' "binary" "passed" "failed" "skipped" "time"
-printf '%s\n' "${summary[@]}"
-if command -v nvidia-smi >/dev/null 2>&1; then
-  nvidia-smi -L 2>&1 | head -4 | sed 's/^/== /'
-fi
-echo "== results (JSON, logs.txt): $RESULTS ($(ls "$RESULTS" | wc -l) files)"
-rm -rf "$WORK"
-exit "$status"
+# ---- The table ---------------------------------------------------------------------
+{
+  echo
+  echo "== vattn GPU run: $(( $(date +%s) - RUN_START ))s of ${RUN_BUDGET_S}s; results: $RESULTS ($(find "$RESULTS" -mindepth 1 -maxdepth 1 | wc -l) files)"
+  printf '%-26s %-5s %7s  %s\n' step result seconds detail
+  printf '%s\n' "${rows[@]}"
+} | tee -a "$ALL_LOGS"
+exit "$failed"
