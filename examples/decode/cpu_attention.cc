@@ -126,16 +126,21 @@ void AccumulateTile(const float* p, std::int64_t stride, const float* vt,
   }
 }
 
+// Request i, KV heads [kvh, kvh + heads): each tile of tokens is read for
+// all those heads before the next tile, so a token's row (the heads side by
+// side) is touched once per pass, not once per head: on 4 KiB pages a
+// token-major view puts every token of a layer on its own page.
 template <DType kType>
-void OneItem(const DecodeArgs& a, int i, int kvh, Scratch& s) {
-  const int group = a.num_q_heads / a.num_kv_heads;
+void OneItem(const DecodeArgs& a, int i, int kvh, int heads, Scratch& s) {
+  const int per_head = a.num_q_heads / a.num_kv_heads;
+  const int group = per_head * heads;  // Query heads of this item.
   const int dim = a.head_dim;
   const std::int64_t len = a.lengths[i];
   const std::int32_t row = a.rows[i];
   const std::int64_t esz = static_cast<std::int64_t>(DTypeBytes(kType));
   const float scale = a.EffectiveScale();
   float* out = a.out + (static_cast<std::int64_t>(i) * a.num_q_heads +
-                        static_cast<std::int64_t>(kvh) * group) * dim;
+                        static_cast<std::int64_t>(kvh) * per_head) * dim;
   if (len <= 0) {
     std::fill(out, out + group * dim, 0.0f);
     return;
@@ -148,13 +153,12 @@ void OneItem(const DecodeArgs& a, int i, int kvh, Scratch& s) {
   s.acc.assign(static_cast<std::size_t>(group * dim), 0.0f);
   s.q.resize(static_cast<std::size_t>(group * dim));
   const float* q = a.q + (static_cast<std::int64_t>(i) * a.num_q_heads +
-                          static_cast<std::int64_t>(kvh) * group) * dim;
+                          static_cast<std::int64_t>(kvh) * per_head) * dim;
   for (int j = 0; j < group * dim; ++j) s.q[j] = q[j] * scale;
 
   const char* kbase = static_cast<const char*>(a.k.data);
   const char* vbase = static_cast<const char*>(a.v.data);
-  const std::int64_t khead = kvh * a.k.stride_head;
-  const std::int64_t vhead = kvh * a.v.stride_head;
+
   float rowbuf[1024];
   float* rowp = dim <= 1024 ? rowbuf : nullptr;
   std::vector<float> big;
@@ -164,17 +168,20 @@ void OneItem(const DecodeArgs& a, int i, int kvh, Scratch& s) {
   }
   for (std::int64_t t0 = 0; t0 < len; t0 += kTile) {
     const int n = static_cast<int>(std::min<std::int64_t>(kTile, len - t0));
-    for (int u = 0; u < kTile; ++u) {
-      if (u < n) {
-        const std::int64_t off = RowOffset(a.k, a.paged, row, t0 + u) + khead;
-        LoadRow<kType>(kbase + off * esz, a.k.stride_dim, dim, rowp);
-      } else {
-        std::fill(rowp, rowp + dim, 0.0f);
+    for (int h = 0; h < heads; ++h) {
+      const std::int64_t khead = (kvh + h) * a.k.stride_head;
+      for (int u = 0; u < kTile; ++u) {
+        if (u < n) {
+          const std::int64_t off = RowOffset(a.k, a.paged, row, t0 + u) + khead;
+          LoadRow<kType>(kbase + off * esz, a.k.stride_dim, dim, rowp);
+        } else {
+          std::fill(rowp, rowp + dim, 0.0f);
+        }
+        for (int d = 0; d < dim; ++d) s.kt[d * kTile + u] = rowp[d];
       }
-      for (int d = 0; d < dim; ++d) s.kt[d * kTile + u] = rowp[d];
+      ScoreTile(s.q.data() + h * per_head * dim, s.kt.data(), per_head, dim,
+                s.scores.data() + h * per_head * padded + t0, padded);
     }
-    ScoreTile(s.q.data(), s.kt.data(), group, dim, s.scores.data() + t0,
-              padded);
   }
   std::vector<float> inv_sum(static_cast<std::size_t>(group));
   for (int g = 0; g < group; ++g) {
@@ -189,13 +196,17 @@ void OneItem(const DecodeArgs& a, int i, int kvh, Scratch& s) {
   }
   for (std::int64_t t0 = 0; t0 < len; t0 += kTile) {
     const int n = static_cast<int>(std::min<std::int64_t>(kTile, len - t0));
-    for (int u = 0; u < n; ++u) {
-      const std::int64_t off = RowOffset(a.v, a.paged, row, t0 + u) + vhead;
-      LoadRow<kType>(vbase + off * esz, a.v.stride_dim, dim,
-                     s.vt.data() + u * dim);
+    for (int h = 0; h < heads; ++h) {
+      const std::int64_t vhead = (kvh + h) * a.v.stride_head;
+      for (int u = 0; u < n; ++u) {
+        const std::int64_t off = RowOffset(a.v, a.paged, row, t0 + u) + vhead;
+        LoadRow<kType>(vbase + off * esz, a.v.stride_dim, dim,
+                       s.vt.data() + u * dim);
+      }
+      AccumulateTile(s.scores.data() + h * per_head * padded + t0, padded,
+                     s.vt.data(), n, per_head, dim,
+                     s.acc.data() + h * per_head * dim);
     }
-    AccumulateTile(s.scores.data() + t0, padded, s.vt.data(), n, group, dim,
-                   s.acc.data());
   }
   for (int g = 0; g < group; ++g) {
     for (int d = 0; d < dim; ++d) {
@@ -210,16 +221,24 @@ std::string CpuDecodeAttention(const DecodeArgs& a, ThreadPool& pool) {
   std::string bad = ValidateDecodeArgs(a);
   if (!bad.empty()) return bad;
   std::vector<Scratch> scratch(static_cast<std::size_t>(pool.size()));
-  const std::int64_t items =
-      static_cast<std::int64_t>(a.num_requests) * a.num_kv_heads;
+  // Items of whole requests (all KV heads), split into head ranges only
+  // when there are too few requests to keep every thread busy.
+  const int workers = std::max(1, pool.size());
+  const int splits = static_cast<int>(std::clamp<std::int64_t>(
+      (2 * workers + std::max(1, a.num_requests) - 1) / std::max(1, a.num_requests), 1,
+      a.num_kv_heads));
+  const int heads_per_item = (a.num_kv_heads + splits - 1) / splits;
+  const int chunks = (a.num_kv_heads + heads_per_item - 1) / heads_per_item;
+  const std::int64_t items = static_cast<std::int64_t>(a.num_requests) * chunks;
   pool.ParallelFor(items, [&](std::int64_t item, int worker) {
-    const int i = static_cast<int>(item / a.num_kv_heads);
-    const int kvh = static_cast<int>(item % a.num_kv_heads);
+    const int i = static_cast<int>(item / chunks);
+    const int kvh = static_cast<int>(item % chunks) * heads_per_item;
+    const int heads = std::min(heads_per_item, a.num_kv_heads - kvh);
     Scratch& s = scratch[static_cast<std::size_t>(worker)];
     switch (a.k.dtype) {
-      case DType::kF16: OneItem<DType::kF16>(a, i, kvh, s); break;
-      case DType::kBF16: OneItem<DType::kBF16>(a, i, kvh, s); break;
-      case DType::kF32: OneItem<DType::kF32>(a, i, kvh, s); break;
+      case DType::kF16: OneItem<DType::kF16>(a, i, kvh, heads, s); break;
+      case DType::kBF16: OneItem<DType::kBF16>(a, i, kvh, heads, s); break;
+      case DType::kF32: OneItem<DType::kF32>(a, i, kvh, heads, s); break;
     }
   });
   return {};
