@@ -9,6 +9,8 @@
 #
 # Then, on the GPU machine, from the directory holding bundle/:
 #   bundle/run_gpu.sh                      # results (JSON) go to $OUT if set
+# and here, without a device, the same script checks the bundle:
+#   VATTN_GPU_DRY_RUN=1 bundle/run_gpu.sh  # every binary starts; steps skip
 #
 # How it stays self-contained:
 #  * Abseil is linked from its .a archives (-DVATTN_STATIC_DEPS=ON, see
@@ -24,6 +26,10 @@
 #    binaries start with it and puts fallback/ on LD_LIBRARY_PATH otherwise.
 #  * libcuda is never linked: vattn dlopens it at run time. The check below
 #    fails if any binary names it.
+#  * The CUDA kernels are built for sm_90 (VATTN_CUDA_ARCHITECTURES=90:
+#    H100/H200) only, which keeps the bundle small.
+#  * python/ holds the Python package's wheel (when pip can build it) and
+#    tests/python, for run_gpu.sh's python step.
 # Only glibc (libc, libm, ld-linux, ...) comes from the GPU machine.
 set -euo pipefail
 
@@ -43,6 +49,7 @@ cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja \
   -DVATTN_WITH_CUDA=ON \
   -DVATTN_STATIC_DEPS=ON \
   -DVATTN_BUILD_TESTS=ON -DVATTN_BUILD_BENCHMARKS=ON -DVATTN_BUILD_EXAMPLES=ON \
+  -DVATTN_CUDA_ARCHITECTURES=90 \
   '-DCMAKE_BUILD_RPATH=$ORIGIN' \
   -DCMAKE_EXE_LINKER_FLAGS=-Wl,--disable-new-dtags
 log "building with -j$JOBS"
@@ -69,6 +76,8 @@ binaries=()
 for f in "${candidates[@]}"; do
   is_elf_executable "$f" || continue
   name="$(basename "$f")"
+  # Fuzz targets run on the CPU (make test-fuzz), not on the device.
+  [[ "$name" == *_fuzzer || "$name" == *_fuzzer_replay ]] && continue
   if [[ -e "$BUNDLE_DIR/$name" ]]; then
     die "two executables are named $name ($f); the bundle is flat"
   fi
@@ -179,9 +188,69 @@ log "binaries need: $(newest_version GLIBC "${top_level[@]}") and $(newest_versi
 done >"$BUNDLE_DIR/gpu_tests.txt"
 log "gpu test binaries: $(tr '\n' ' ' <"$BUNDLE_DIR/gpu_tests.txt")"
 
+# ---- Size: strip what run_gpu.sh does not run ------------------------------------
+# The CPU-only tests ride along for diagnosis on the device; their symbol
+# tables (static Abseil and GoogleTest) are a fifth of the bundle. The
+# programs run_gpu.sh runs keep theirs, for readable backtraces.
+stripped=0
+for b in "${binaries[@]}"; do
+  case "$b" in
+    *_gpu_test | batch_decode | map_bench | step_bench | peer_bench) continue ;;
+  esac
+  grep -qx "$b" "$BUNDLE_DIR/gpu_tests.txt" && continue
+  strip --strip-unneeded "$BUNDLE_DIR/$b" && stripped=$((stripped + 1))
+done
+log "stripped $stripped CPU-only binaries"
+
+# ---- Python wheel ------------------------------------------------------------
+# The Python package (pyproject.toml) as a self-contained wheel: the
+# extension with its Abseil libraries beside it ($ORIGIN rpath,
+# VATTN_PYTHON_BUNDLE_LIBS=ON), and tests/python to run against it. When it
+# cannot be built, python/NO_WHEEL.txt says why and run_gpu.sh skips the
+# step with that reason. VATTN_BUNDLE_PYTHON=0 leaves it out.
+mkdir -p "$BUNDLE_DIR/python"
+no_wheel() { printf '%s\n' "$*" >"$BUNDLE_DIR/python/NO_WHEEL.txt"; log "python: no wheel: $*"; }
+if [[ "${VATTN_BUNDLE_PYTHON:-1}" == 0 ]]; then
+  no_wheel "left out (VATTN_BUNDLE_PYTHON=0)"
+elif [[ ! -f "$ROOT/pyproject.toml" ]]; then
+  no_wheel "no pyproject.toml in the source tree"
+elif ! python3 -m pip --version >/dev/null 2>&1; then
+  no_wheel "pip is not installed on the build machine"
+else
+  log "building the Python wheel (log: $BUILD_DIR/python_wheel.log)"
+  if VATTN_PYTHON_BUNDLE_LIBS=ON SKBUILD_BUILD_DIR="$BUILD_DIR/python" \
+     CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" \
+     python3 -m pip wheel "$ROOT" --no-deps --wheel-dir "$BUNDLE_DIR/python" \
+       >"$BUILD_DIR/python_wheel.log" 2>&1 &&
+     compgen -G "$BUNDLE_DIR/python/*.whl" >/dev/null; then
+    log "python: $(cd "$BUNDLE_DIR/python" && ls ./*.whl | sed 's#^\./##') ($(du -k "$BUNDLE_DIR"/python/*.whl | awk '{s += $1} END {print s}') KiB)"
+  else
+    no_wheel "pip wheel failed on the build machine: $(grep -m1 -i -E 'error' "$BUILD_DIR/python_wheel.log" | cut -c1-120)"
+  fi
+fi
+if [[ -d "$ROOT/tests/python" ]]; then
+  rm -rf "$BUNDLE_DIR/python/tests"
+  cp -r "$ROOT/tests/python" "$BUNDLE_DIR/python/tests"
+  find "$BUNDLE_DIR/python/tests" -name '__pycache__' -prune -exec rm -rf {} +
+fi
+
 cp "$ROOT/scripts/gpu_bundle_run.sh" "$BUNDLE_DIR/run_gpu.sh"
 chmod +x "$BUNDLE_DIR/run_gpu.sh"
 git -C "$ROOT" rev-parse --short HEAD >"$BUNDLE_DIR/VERSION" 2>/dev/null || echo unknown >"$BUNDLE_DIR/VERSION"
+
+# ---- Dry run -------------------------------------------------------------------
+# run_gpu.sh without a device: every step's binary must start from the
+# bundle (with the system's C++ runtime or fallback/), each step skips with
+# its reason, and the table comes out.
+dry_out="$(mktemp -d)"
+if ! OUT="$dry_out" VATTN_GPU_DRY_RUN=1 "$BUNDLE_DIR/run_gpu.sh" >"$BUILD_DIR/dry_run.log" 2>&1; then
+  cat "$BUILD_DIR/dry_run.log"
+  rm -rf "$dry_out"
+  die "the dry run of run_gpu.sh failed (log above)"
+fi
+rm -rf "$dry_out"
+log "dry run of run_gpu.sh (every binary starts):"
+sed -n '/^step /,$p' "$BUILD_DIR/dry_run.log"
 
 # ---- Size --------------------------------------------------------------------
 size_kib="$(du -sk "$BUNDLE_DIR" | awk '{print $1}')"
