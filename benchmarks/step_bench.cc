@@ -16,7 +16,8 @@
 // Reported per run: p50/p99/max of Step time (us), misses per 1000 steps
 // (slots Step mapped itself), waits per 1000 steps (steps that waited for
 // the thread to finish a slot it was mapping), extents mapped on the
-// caller's thread vs the background thread.
+// caller's thread vs the background thread, and the thread's wake-ups per
+// second (all, and those Step paid a futex call for).
 
 #include <algorithm>
 #include <chrono>
@@ -139,8 +140,12 @@ void BM_Step(benchmark::State& state, std::string backend_name, int batch,
     double total_us = 0;
     const vattn::CacheStats before = cache.Stats();
     vattn::CacheStats at_warmup = before;
+    auto warm_t = std::chrono::steady_clock::now();
     for (int step = 0; step < g_flags.steps; ++step) {
-      if (step == g_flags.warmup) at_warmup = cache.Stats();
+      if (step == g_flags.warmup) {
+        at_warmup = cache.Stats();
+        warm_t = std::chrono::steady_clock::now();
+      }
       step_batch.clear();
       for (const Req& r : reqs) step_batch.push_back({r.slot, r.tokens});
       const auto t0 = std::chrono::steady_clock::now();
@@ -174,6 +179,9 @@ void BM_Step(benchmark::State& state, std::string backend_name, int batch,
       SpinFor(std::chrono::microseconds(g_flags.compute_us));
     }
     const vattn::CacheStats after = cache.Stats();
+    const double seconds = std::chrono::duration<double>(
+                               std::chrono::steady_clock::now() - warm_t)
+                               .count();
     const double measured = static_cast<double>(times_us.size());
     state.SetIterationTime(total_us / 1e6);
     state.counters["p50_us"] = Percentile(times_us, 0.50);
@@ -194,7 +202,67 @@ void BM_Step(benchmark::State& state, std::string backend_name, int batch,
     state.counters["bg_creates"] = static_cast<double>(
         after.background_creates - at_warmup.background_creates);
     state.counters["steps"] = measured;
+    // The map-ahead thread's wake-ups per second, and those Step paid for.
+    state.counters["wakeups_per_s"] =
+        static_cast<double>(after.background_wakeups -
+                            at_warmup.background_wakeups) /
+        seconds;
+    state.counters["caller_wakeups_per_s"] =
+        static_cast<double>(after.background_caller_wakeups -
+                            at_warmup.background_caller_wakeups) /
+        seconds;
   }
+}
+
+// Step's fast path alone, per request: every slot backed to max_tokens (so
+// no map, no miss, no wake-up), Step called back to back on the host
+// backend. items_per_second is requests per second; its inverse is Step's
+// per-request cost.
+void BM_StepFastPath(benchmark::State& state, int batch, bool lookahead) {
+  vattn::HostBackendOptions host_opts;
+  host_opts.physical_limit_bytes = std::size_t{1} << 40;
+  auto backend = vattn::MakeHostBackend(host_opts);
+  if (!backend.ok()) {
+    state.SkipWithError(std::string(backend.status().message()).c_str());
+    return;
+  }
+  vattn::KVCacheOptions opts;
+  opts.max_slots = batch;
+  opts.max_tokens = 2048;
+  opts.map_ahead_tokens = lookahead ? 256 : 0;
+  auto cache_or = vattn::KVCache::Create(opts, *backend);
+  if (!cache_or.ok()) {
+    state.SkipWithError(std::string(cache_or.status().message()).c_str());
+    return;
+  }
+  vattn::KVCache& cache = **cache_or;
+  std::vector<vattn::StepRequest> reqs;
+  for (int i = 0; i < batch; ++i) {
+    auto slot = cache.AllocSlot(opts.max_tokens);
+    if (!slot.ok()) {
+      state.SkipWithError(std::string(slot.status().message()).c_str());
+      return;
+    }
+    reqs.push_back({*slot, 1});
+  }
+  (void)cache.WaitForBackgroundIdle();
+  std::int64_t tokens = 1;
+  for (auto _ : state) {
+    for (vattn::StepRequest& r : reqs) r.tokens = tokens;
+    auto result = cache.Step(reqs);
+    benchmark::DoNotOptimize(result);
+    if (++tokens > opts.max_tokens) {
+      state.PauseTiming();
+      // Lengths only grow: start the requests over.
+      for (vattn::StepRequest& r : reqs) {
+        (void)cache.Free(r.slot);
+        r.slot = *cache.AllocSlot(opts.max_tokens);
+      }
+      tokens = 1;
+      state.ResumeTiming();
+    }
+  }
+  state.SetItemsProcessed(state.iterations() * batch);
 }
 
 bool ParseFlag(const char* arg, const char* name, std::string* value) {
@@ -247,6 +315,14 @@ int main(int argc, char** argv) {
             ->UseManualTime()
             ->Unit(benchmark::kMicrosecond);
       }
+    }
+  }
+  for (int batch : {256, 512}) {
+    for (bool lookahead : {true, false}) {
+      const std::string name = fmt::format("StepFastPath/batch:{}/lookahead:{}",
+                                           batch, lookahead ? "on" : "off");
+      benchmark::RegisterBenchmark(name.c_str(), BM_StepFastPath, batch,
+                                   lookahead);
     }
   }
   int rest_argc = static_cast<int>(rest.size());

@@ -233,9 +233,11 @@ absl::Status KVCache::Impl::FreeLocked(int slot, std::optional<Stream> fence) {
 
 absl::StatusOr<StepResult> KVCache::Step(absl::Span<const StepRequest> batch) {
   Impl& m = *impl_;
-  // Validate everything first: bad input changes nothing.
-  VATTN_RETURN_IF_ERROR(m.CheckBatch(batch));
+  // The fast path checks its input itself (ranges, a slot listed twice,
+  // tokens below a length) and leaves anything doubtful, untouched, to the
+  // slow path, which validates everything before it changes anything.
   if (m.TryFastStep(batch)) return StepResult{};
+  VATTN_RETURN_IF_ERROR(m.CheckBatch(batch));
   bool wake = false;
   absl::StatusOr<StepResult> result;
   {
@@ -264,35 +266,55 @@ absl::Status KVCache::Impl::CheckBatch(
 }
 
 bool KVCache::Impl::TryFastStep(absl::Span<const StepRequest> batch) {
-  // A slot listed twice, or tokens below a slot's length: the slow path
-  // reports it.
+  // Byte counts here compare against tokens * token_bytes without BytesFor's
+  // rounding: a slot's backing bytes are a whole number of granules (and
+  // at most its stride), so they cover BytesFor(t) exactly when they cover
+  // t * token_bytes. One multiply per comparison.
+  const std::int64_t token_bytes = geo.token_bytes();
+  const auto max_slots = static_cast<std::uint64_t>(opts.max_slots);
+  const auto max_tokens = static_cast<std::uint64_t>(opts.max_tokens);
+  // A request out of range, a slot listed twice, tokens below a slot's
+  // length: the slow path reports it. A slot not active or not backed: the
+  // slow path reports or maps, under the lock. Nothing has changed yet.
   SeenSlots* seen =
       batch.size() > 1 ? &SeenSlots::Begin(opts.max_slots) : nullptr;
-  std::int64_t added_tokens = 0;
-  // Every slot active and backed? Otherwise the slow path reports or maps,
-  // under the lock; nothing has changed yet.
-  for (const StepRequest& r : batch) {
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    const StepRequest& r = batch[i];
+    if (static_cast<std::uint64_t>(r.slot) >= max_slots ||
+        static_cast<std::uint64_t>(r.tokens) > max_tokens) {
+      return false;
+    }
     const Slot& s = FastPathSlot(r.slot);
-    if (!s.active() || s.backing_bytes() < geo.BytesFor(r.tokens) ||
+    if (!s.active() || s.backing_bytes() < r.tokens * token_bytes ||
         r.tokens < s.length()) {
       return false;
     }
-    if (seen != nullptr &&
-        seen->Insert(r.slot, static_cast<std::size_t>(&r - batch.data())) >= 0) {
-      return false;
-    }
+    if (seen != nullptr && seen->Insert(r.slot, i) >= 0) return false;
   }
+  std::int64_t added_tokens = 0;
   bool urgent = false;
   for (const StepRequest& r : batch) {
     Slot& s = FastPathSlot(r.slot);
-    if (s.length() < r.tokens) {
-      added_tokens += r.tokens - s.length();
+    std::int64_t front = s.length();
+    if (front < r.tokens) {
+      added_tokens += r.tokens - front;
       s.set_length(r.tokens);
+      front = r.tokens;
     }
-    MarkIfDue(r.slot, s);
-    urgent = urgent || UrgentMapAhead(s);
+    if (!look_ahead) continue;
+    // NeedsMapAhead and UrgentMapAhead, on the values already loaded.
+    front = std::max(front, s.hint());
+    const std::int64_t backing = s.backing_bytes();
+    const auto wanted = [&](std::int64_t ahead) {
+      return std::min(opts.max_tokens, front + ahead) * token_bytes;
+    };
+    if (backing >= wanted(opts.map_ahead_tokens)) continue;
+    worker.MarkDue(r.slot);
+    urgent = urgent || backing < wanted(urgent_tokens);
   }
-  active_tokens.fetch_add(added_tokens, std::memory_order_relaxed);
+  if (added_tokens != 0) {
+    active_tokens.fetch_add(added_tokens, std::memory_order_relaxed);
+  }
   step_calls.fetch_add(1, std::memory_order_relaxed);
   if (urgent) {
     worker.NoteWork();
@@ -384,6 +406,10 @@ CacheStats KVCache::Stats() const {
   out.create_calls = pool.create_calls;
   out.destroy_calls = pool.destroy_calls;
   out.step_calls = m.step_calls.load(std::memory_order_relaxed);
+  const MapAheadCounters worker = m.worker.counters();
+  out.background_wakeups = worker.wakeups;
+  out.background_deadline_wakeups = worker.deadline_wakeups;
+  out.background_caller_wakeups = worker.woken_by_callers;
   out.map_calls = m.mapper->map_calls();
   out.unmap_calls = m.mapper->unmap_calls();
   return out;

@@ -5,6 +5,7 @@
 // thread's decisions (see kv_cache_impl.h for the states and the locking).
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <limits>
 #include <utility>
@@ -18,11 +19,11 @@ using internal::MutexLock;
 
 namespace {
 
-// How often the map-ahead thread looks for work while requests are active
-// (Step wakes it only when a slot is nearly out of look-ahead), and while
-// none are (for work no call announced, such as a fence completing).
-constexpr absl::Duration kActivePoll = absl::Microseconds(500);
-constexpr absl::Duration kIdlePoll = absl::Milliseconds(50);
+std::int64_t SteadyNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 }  // namespace
 
@@ -71,6 +72,9 @@ absl::Status KVCache::Impl::Init() {
   }
   if (opts.map_ahead_tokens > 0 || opts.pool_high_water > 0) {
     look_ahead = opts.map_ahead_tokens > 0;
+    urgent_tokens = std::max<std::int64_t>(1, opts.map_ahead_tokens / 4);
+    flagged_scratch.reserve(static_cast<std::size_t>(opts.max_slots));
+    due_scratch.reserve(static_cast<std::size_t>(opts.max_slots));
     worker.Start(this);
   }
   return absl::OkStatus();
@@ -257,9 +261,18 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
     }
     if (AdoptUpToLocked(slot, need)) continue;
     const std::int64_t deficit = need - s.backing_bytes();
+    // With look-ahead on, one extent covers the look-ahead too (as the
+    // thread would map it): a new prompt costs one map whichever side gets
+    // to it first, instead of the caller's plus the thread's.
+    const std::int64_t wanted =
+        look_ahead ? std::max(deficit, TargetBytes(s, opts.map_ahead_tokens) -
+                                           s.backing_bytes())
+                   : deficit;
+    foreground_maps.fetch_add(1, std::memory_order_relaxed);
     absl::Status status = mapper->MapNextLocked(
-        mu, slot, s, geo.ExtentSize(s.backing_bytes(), deficit),
+        mu, slot, s, geo.ExtentSize(s.backing_bytes(), wanted),
         geo.RoundUpToGranule(deficit));
+    foreground_maps.fetch_sub(1, std::memory_order_relaxed);
     if (!status.ok()) {
       // Surplus adopted on the way goes back to being surplus (reclamation
       // only ever takes extents past the backing ones, so they are there).
@@ -286,10 +299,34 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
 
 absl::Duration KVCache::Impl::IdleNap() {
   MutexLock lock(&mu);
+  pace.Observe(step_calls.load(std::memory_order_relaxed), SteadyNanos());
   if (const std::int64_t left = BackoffLeftLocked(); left > 0) {
     return absl::Nanoseconds(left);
   }
-  return active_count > 0 ? kActivePoll : kIdlePoll;
+  // A refill paused for a foreground map: resume it shortly.
+  if (refilling && !shutting_down) return absl::Microseconds(200);
+  // Nothing the thread could do until a call announces it: sleep until
+  // woken (zero wake-ups while idle).
+  if (!look_ahead || shutting_down || active_count == 0) {
+    return absl::InfiniteDuration();
+  }
+  // Wake when the active slot closest to its look-ahead has used half of
+  // it, at the pace callers step; Step's own wake (a quarter left) is the
+  // fallback when the pace changes or is unknown.
+  const std::int64_t wake_margin =
+      std::max<std::int64_t>(1, opts.map_ahead_tokens / 2);
+  std::int64_t least = std::numeric_limits<std::int64_t>::max();
+  for (const Slot& s : slots) {
+    if (!s.active()) continue;
+    const std::int64_t backed = geo.BackedTokens(s.backing_bytes());
+    if (backed >= opts.max_tokens) continue;  // Nothing more to map.
+    least = std::min(least, backed - std::max(s.length(), s.hint()) -
+                                wake_margin);
+  }
+  if (least == std::numeric_limits<std::int64_t>::max()) {
+    return absl::InfiniteDuration();
+  }
+  return pace.NapFor(least);
 }
 
 void KVCache::Impl::NoteBackgroundFailureLocked(absl::Status status) {
@@ -324,15 +361,13 @@ bool KVCache::Impl::RunOnce() {
 bool KVCache::Impl::MapAheadRoundLocked() {
   if (!look_ahead) return false;
   const std::uint64_t generation = worker.generation();
-  std::vector<int> flagged;
+  std::vector<int>& flagged = flagged_scratch;
+  flagged.clear();
   worker.TakeDue(&flagged);
   // The flagged slots that still need mapping, closest to running out first
   // (a new request's prompt, the hint, is needed at its first Step).
-  struct Due {
-    std::int64_t margin;
-    int slot;
-  };
-  std::vector<Due> due;
+  std::vector<DueSlot>& due = due_scratch;
+  due.clear();
   bool did = false;
   for (int i : flagged) {
     Slot& s = At(i);
@@ -344,8 +379,9 @@ bool KVCache::Impl::MapAheadRoundLocked() {
                        std::max<std::int64_t>(s.length(), s.hint()),
                    i});
   }
-  std::sort(due.begin(), due.end(),
-            [](const Due& x, const Due& y) { return x.margin < y.margin; });
+  std::sort(due.begin(), due.end(), [](const DueSlot& x, const DueSlot& y) {
+    return x.margin < y.margin;
+  });
   for (std::size_t k = 0; k < due.size(); ++k) {
     // New work was announced (a new prompt, a slot nearly out of look-ahead):
     // start a new round so it is ordered with the rest, keeping the slots
@@ -386,16 +422,26 @@ bool KVCache::Impl::MapAheadRoundLocked() {
 
 bool KVCache::Impl::RefillPoolLocked() {
   const auto bytes = static_cast<std::size_t>(geo.max_extent());
-  if (opts.pool_high_water <= 0 || pool->IdleCount(bytes) >= opts.pool_low_water) {
+  if (opts.pool_high_water <= 0) return false;
+  // Below the low water mark a refill starts; it goes on, one handle per
+  // round, to the high one (refilling), so each round ends after one
+  // create: a look-ahead map or a foreground miss waits for at most one,
+  // never for the whole refill. None starts while the foreground maps.
+  const int idle = pool->IdleCount(bytes);
+  if (idle >= opts.pool_high_water) refilling = false;
+  if (!refilling && idle < opts.pool_low_water) refilling = true;
+  if (!refilling || foreground_maps.load(std::memory_order_relaxed) > 0) {
     return false;
   }
   mu.Unlock();
-  absl::StatusOr<int> made = pool->Fill(bytes, opts.pool_high_water);
+  absl::StatusOr<int> made = pool->Fill(bytes, idle + 1);
   mu.Lock();
-  if (made.ok()) {
+  if (made.ok() && *made > 0) {
     stats.background_creates += *made;
-    return *made > 0;
+    return true;
   }
+  refilling = false;  // Out of budget (or failed): wait for the low mark.
+  if (made.ok()) return false;
   if (made.status().code() != absl::StatusCode::kResourceExhausted) {
     NoteBackgroundFailureLocked(made.status());
   }

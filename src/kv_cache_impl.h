@@ -198,12 +198,13 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
   bool NeedsMapAhead(const Slot& s) const {
     return BehindBy(s, opts.map_ahead_tokens);
   }
-  // Less than a quarter of the look-ahead is left: the thread (which also
-  // polls while slots are active) must be woken now. Step wakes it only
-  // then: a wake-up costs the caller a futex call and, on a busy machine, a
-  // context switch.
+  // Less than a quarter of the look-ahead is left: the thread must be woken
+  // now. Step wakes it only then (a wake-up costs the caller a futex call
+  // and, on a busy machine, a context switch); otherwise the thread wakes
+  // itself when the closest slot is half-way through its look-ahead
+  // (IdleNap), so on a steady workload Step never pays a wake-up.
   bool UrgentMapAhead(const Slot& s) const {
-    return BehindBy(s, std::max<std::int64_t>(1, opts.map_ahead_tokens / 4));
+    return BehindBy(s, urgent_tokens);
   }
   void MarkIfDue(int slot, const Slot& s) {
     if (NeedsMapAhead(s)) worker.MarkDue(slot);
@@ -250,6 +251,8 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
   const std::shared_ptr<Backend> backend;
   const CacheGeometry geo;
   bool look_ahead = false;  // The thread runs and map_ahead_tokens > 0.
+  // The look-ahead left (tokens) below which Step wakes the thread.
+  std::int64_t urgent_tokens = 1;
   DevicePtr base = 0;
   std::int64_t budget = 0;
   std::unique_ptr<PhysicalPool> pool;
@@ -281,6 +284,21 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
   // Sum of the slots' lengths (Step's fast path adds to it without mu).
   std::atomic<std::int64_t> active_tokens{0};
   std::atomic<std::int64_t> step_calls{0};
+  // Foreground calls mapping right now: the thread does not start a pool
+  // refill's create meanwhile (the driver serializes calls, so a miss
+  // would queue behind it).
+  std::atomic<int> foreground_maps{0};
+
+  // ---- The map-ahead thread's own (touched only on the worker thread) ---
+  struct DueSlot {
+    std::int64_t margin;  // Tokens backed past the slot's length or hint.
+    int slot;
+  };
+  StepPace pace;
+  bool refilling = false;  // A pool refill is under way (RefillPoolLocked).
+  // Reused by every round, so the thread allocates nothing per wake.
+  std::vector<int> flagged_scratch;
+  std::vector<DueSlot> due_scratch;
 };
 
 }  // namespace vattn

@@ -7,10 +7,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <random>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_format.h"
@@ -421,6 +423,92 @@ TEST(MapAheadTest, DestroyingTheCacheWhileTheThreadWorksLeavesNothing) {
     }
     cache.reset();  // The thread is mid-work: drain and join.
     EXPECT_TRUE(backend->counters().Empty());
+  }
+}
+
+// The thread sleeps until a call needs it: no wake-ups while the cache is
+// idle, nor while requests are active but fully mapped ahead and nobody
+// steps (the Step pace is then unknown, so there is no deadline).
+TEST(MapAheadTest, NoWakeUpsWhileNothingNeedsTheThread) {
+  KVCacheOptions o = SmallOptions();
+  o.map_ahead_tokens = 256;
+  o.pool_low_water = 2;
+  o.pool_high_water = 4;
+  VATTN_ASSERT_OK_AND_ASSIGN(auto cache, KVCache::Create(o, LatencyHost()));
+  VATTN_ASSERT_OK(cache->WaitForBackgroundIdle());
+  const std::int64_t idle0 = cache->Stats().background_wakeups;
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(cache->Stats().background_wakeups, idle0) << "idle cache";
+
+  std::vector<StepRequest> reqs;
+  for (int i = 0; i < 4; ++i) {
+    VATTN_ASSERT_OK_AND_ASSIGN(int slot, cache->AllocSlot(100));
+    reqs.push_back({slot, 100});
+  }
+  VATTN_ASSERT_OK(cache->WaitForBackgroundIdle());
+  const std::int64_t held0 = cache->Stats().background_wakeups;
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(cache->Stats().background_wakeups, held0) << "requests held";
+
+  // Steps well inside the look-ahead neither wake the thread nor miss.
+  const std::int64_t callers0 = cache->Stats().background_caller_wakeups;
+  for (int step = 0; step < 100; ++step) {
+    VATTN_ASSERT_OK_AND_ASSIGN(StepResult r, cache->Step(reqs));
+    EXPECT_EQ(r.misses, 0);
+    for (StepRequest& q : reqs) ++q.tokens;
+  }
+  EXPECT_EQ(cache->Stats().background_caller_wakeups, callers0);
+}
+
+// A slot nearly out of look-ahead wakes a sleeping thread from Step, which
+// then maps it without the caller waiting for the mapping.
+TEST(MapAheadTest, StepWakesTheThreadWhenASlotIsNearlyOutOfLookAhead) {
+  KVCacheOptions o = SmallOptions();
+  o.map_ahead_tokens = 256;
+  VATTN_ASSERT_OK_AND_ASSIGN(auto cache, KVCache::Create(o, LatencyHost()));
+  VATTN_ASSERT_OK_AND_ASSIGN(int slot, cache->AllocSlot(100));
+  VATTN_ASSERT_OK(cache->WaitForBackgroundIdle());
+  VATTN_ASSERT_OK_AND_ASSIGN(SlotInfo info, cache->GetSlot(slot));
+  ASSERT_GE(info.backed_tokens, 100 + 256);
+  const std::int64_t callers0 = cache->Stats().background_caller_wakeups;
+  // Within a quarter of the look-ahead of the end of what is backed.
+  StepRequest req{slot, info.backed_tokens - 256 / 4 + 1};
+  VATTN_ASSERT_OK_AND_ASSIGN(StepResult r, cache->Step({&req, 1}));
+  EXPECT_EQ(r.misses, 0);
+  VATTN_ASSERT_OK(cache->WaitForBackgroundIdle());
+  EXPECT_GE(cache->Stats().background_caller_wakeups, callers0 + 1);
+  VATTN_ASSERT_OK_AND_ASSIGN(SlotInfo after, cache->GetSlot(slot));
+  EXPECT_GE(after.backed_tokens, req.tokens + 256);
+}
+
+// A wave of prompts, each announced (AllocSlot) and then grown by the
+// caller while the thread maps look-ahead: each prompt is one map, whoever
+// maps it, and it covers the look-ahead too. Without look-ahead, one map
+// each as well.
+TEST(MapAheadTest, APromptIsMappedOnceWhicheverSideGetsToItFirst) {
+  for (std::int64_t ahead : {std::int64_t{256}, std::int64_t{0}}) {
+    SCOPED_TRACE(absl::StrFormat("map_ahead_tokens %d", ahead));
+    KVCacheOptions o = SmallOptions();
+    o.map_ahead_tokens = ahead;
+    o.max_extent_bytes = 64 * kMiB;  // Prompts fit one extent.
+    VATTN_ASSERT_OK_AND_ASSIGN(auto cache, KVCache::Create(o, LatencyHost()));
+    std::mt19937_64 rng(7);
+    std::uniform_int_distribution<std::int64_t> len(1, 8000);
+    std::vector<std::pair<int, std::int64_t>> wave;
+    for (int i = 0; i < o.max_slots; ++i) {
+      const std::int64_t p = len(rng);
+      VATTN_ASSERT_OK_AND_ASSIGN(int slot, cache->AllocSlot(p));
+      wave.push_back({slot, p});
+    }
+    for (const auto& [slot, p] : wave) VATTN_ASSERT_OK(cache->Grow(slot, p));
+    VATTN_ASSERT_OK(cache->WaitForBackgroundIdle());
+    const CacheStats st = cache->Stats();
+    EXPECT_EQ(st.map_calls, o.max_slots) << st.ToString();
+    for (const auto& [slot, p] : wave) {
+      VATTN_ASSERT_OK_AND_ASSIGN(SlotInfo info, cache->GetSlot(slot));
+      EXPECT_EQ(info.extents, 1);
+      EXPECT_GE(info.backed_tokens, std::min(o.max_tokens, p + ahead));
+    }
   }
 }
 

@@ -62,6 +62,13 @@ struct CacheStats {
   std::int64_t step_map_nanos = 0;     // Caller time spent mapping in Step.
   std::int64_t background_extents = 0;  // Extents mapped by the thread.
   std::int64_t background_creates = 0;  // Handles created by the thread.
+  // The map-ahead thread's returns from sleep: all of them, those because
+  // its nap ran out (a deadline from the slots' look-ahead), and the
+  // Wake-ups a caller paid for (a futex call; Step only when a slot is
+  // nearly out of look-ahead). Zero while nothing needs the thread.
+  std::int64_t background_wakeups = 0;
+  std::int64_t background_deadline_wakeups = 0;
+  std::int64_t background_caller_wakeups = 0;
 
   // A few readable lines, for logs and examples.
   VATTN_EXPORT std::string ToString() const;
