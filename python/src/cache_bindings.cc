@@ -434,7 +434,8 @@ void BindCache(nb::module_& m) {
   VATTN_STAT(map_calls) VATTN_STAT(unmap_calls) VATTN_STAT(grow_calls)
   VATTN_STAT(extents_mapped) VATTN_STAT(reuse_hits) VATTN_STAT(adopted_extents)
   VATTN_STAT(reclaimed_bytes) VATTN_STAT(reclaimed_extents) VATTN_STAT(fence_waits)
-  VATTN_STAT(zeroed_bytes) VATTN_STAT(step_calls) VATTN_STAT(step_misses)
+  VATTN_STAT(zeroed_bytes) VATTN_STAT(quarantined_extents) VATTN_STAT(quarantined_bytes)
+  VATTN_STAT(background_failures) VATTN_STAT(step_calls) VATTN_STAT(step_misses)
   VATTN_STAT(step_map_nanos) VATTN_STAT(background_extents) VATTN_STAT(background_creates)
 #undef VATTN_STAT
   stats.def("__str__", &CacheStats::ToString)
@@ -535,17 +536,28 @@ void BindCache(nb::module_& m) {
           "tokens < 0 or above the length; FailedPreconditionError: not active.")
       .def(
           "free",
-          [](PyCache& self, int slot, nb::handle stream) {
+          [](PyCache& self, int slot, nb::handle stream, bool fence) {
             KVCache& c = self.Get();
-            const std::optional<Stream> fence = StreamFromPython(stream);
-            ThrowIfError(Unlocked([&] { return c.Free(slot, fence); }));
+            if (!fence) {
+              if (!stream.is_none()) {
+                throw nb::type_error("free(slot, stream, fence=False): a stream means a fence");
+              }
+              ThrowIfError(Unlocked([&] { return c.Free(slot, kNoFence); }));
+              return;
+            }
+            const std::optional<Stream> s = StreamFromPython(stream);
+            ThrowIfError(Unlocked([&] { return c.Free(slot, s); }));
           },
-          nb::arg("slot"), nb::arg("stream").none() = nb::none(),
+          nb::arg("slot"), nb::arg("stream").none() = nb::none(), nb::kw_only(),
+          nb::arg("fence") = true,
           "Ends the slot's request; its memory stays mapped for the next one. "
           "On CUDA, `stream` (a torch.cuda.Stream or a raw CUstream int) is "
           "the stream whose queued work may still read the slot: a fence is "
           "recorded on it and the memory is never unmapped before that work "
-          "is done. None: KVCache::Free's default (see kv_cache.h). "
+          "is done. None: the legacy default stream (KVCache::Free(slot)), which "
+          "covers the blocking streams of the context. fence=False "
+          "(KVCache::Free(slot, kNoFence)) records none, for callers that "
+          "synchronised themselves: the memory may be unmapped at once. "
           "InvalidArgumentError: bad slot; FailedPreconditionError: not active.")
       .def(
           "step",

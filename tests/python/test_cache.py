@@ -38,6 +38,10 @@ def test_readme_example(backend):
     st = cache.stats()
     assert st.active_slots == 0 and st.step_calls == 1 and st.grow_calls >= 1
     assert not cache.slot_info(slot).active
+    other = cache.alloc_slot()
+    cache.free(other, fence=False)  # KVCache::Free(slot, kNoFence).
+    with pytest.raises(TypeError, match="fence"):
+        cache.free(cache.alloc_slot(), stream=0, fence=False)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -12,7 +12,8 @@ STATS_FIELDS = [
     "budget_bytes", "peak_physical_bytes", "active_slots", "idle_slots_with_memory",
     "create_calls", "destroy_calls", "map_calls", "unmap_calls", "grow_calls",
     "extents_mapped", "reuse_hits", "adopted_extents", "reclaimed_bytes",
-    "reclaimed_extents", "fence_waits", "zeroed_bytes", "step_calls", "step_misses",
+    "reclaimed_extents", "fence_waits", "zeroed_bytes", "quarantined_extents",
+    "quarantined_bytes", "background_failures", "step_calls", "step_misses",
     "step_map_nanos", "background_extents", "background_creates",
 ]
 
