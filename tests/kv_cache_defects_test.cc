@@ -7,11 +7,14 @@
 // thread, faults while the cache is destroyed, and callers racing on slots
 // they do not own.
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -27,7 +30,6 @@ namespace {
 using absl::StatusCode;
 
 constexpr std::size_t kGranularity = std::size_t{64} << 10;
-constexpr std::int64_t kGran = static_cast<std::int64_t>(kGranularity);
 
 std::shared_ptr<Backend> Host(std::size_t limit = 0) {
   HostBackendOptions ho;
