@@ -58,10 +58,23 @@ CUmemAllocationProp AllocationProp(CUdevice device) {
 // thread's previous context back afterwards, so a caller that drives another
 // device on the same thread is not disturbed. Costs one cuCtxGetCurrent (a
 // thread-local read in the driver) when the context is already current.
+//
+// It also switches the thread's stream-capture mode to
+// CU_STREAM_CAPTURE_MODE_RELAXED for the scope (and back): while any thread
+// captures a graph in the default global mode, every other thread is
+// "prohibited from potentially unsafe API calls", and a prohibited call
+// fails and invalidates that capture. vattn's calls never touch a capturing
+// stream (RecordFence refuses one; data calls use the private stream; its
+// events are never recorded in a capture), so they may run during a capture
+// and must not break it (PyTorch relaxes its NCCL watchdog thread the same
+// way).
 class ScopedContext {
  public:
   ScopedContext(const CudaDriver& driver, CUcontext context)
       : driver_(driver) {
+    capture_mode_ = CU_STREAM_CAPTURE_MODE_RELAXED;
+    relaxed_ = driver_.cuThreadExchangeStreamCaptureMode(&capture_mode_) ==
+               CUDA_SUCCESS;
     CUcontext current = nullptr;
     if (driver_.cuCtxGetCurrent(&current) != CUDA_SUCCESS) current = nullptr;
     if (current == context) return;
@@ -73,6 +86,7 @@ class ScopedContext {
   }
   ~ScopedContext() {
     if (restore_) (void)driver_.cuCtxSetCurrent(previous_);
+    if (relaxed_) (void)driver_.cuThreadExchangeStreamCaptureMode(&capture_mode_);
   }
   ScopedContext(const ScopedContext&) = delete;
   ScopedContext& operator=(const ScopedContext&) = delete;
@@ -85,6 +99,8 @@ class ScopedContext {
   absl::Status status_;
   CUcontext previous_ = nullptr;
   bool restore_ = false;
+  CUstreamCaptureMode capture_mode_;  // The thread's mode, while relaxed.
+  bool relaxed_ = false;
 };
 
 // Runs fn() with `context` current and returns its result (an absl::Status

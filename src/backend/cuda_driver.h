@@ -73,6 +73,8 @@ namespace vattn::internal {
   X(cuStreamDestroy, cuStreamDestroy_v2)                           \
   X(cuStreamSynchronize, cuStreamSynchronize)                      \
   X(cuStreamIsCapturing, cuStreamIsCapturing)                      \
+  X(cuThreadExchangeStreamCaptureMode,                             \
+    cuThreadExchangeStreamCaptureMode)                             \
   X(cuStreamBeginCapture, cuStreamBeginCapture_v2)                 \
   X(cuStreamEndCapture, cuStreamEndCapture)                        \
   X(cuGraphDestroy, cuGraphDestroy)                                \

@@ -227,6 +227,18 @@ TEST_F(CudaBackendTest, TwoBackendsOnOneDeviceAreIndependent) {
   VATTN_EXPECT_OK(backend_->Release(va2, g_));
 }
 
+// Stream::PerThread() hands the driver CU_STREAM_PER_THREAD, which the
+// legacy-stream entry points vattn resolves must accept as a handle.
+TEST_F(CudaBackendTest, FenceOnThePerThreadStreamCompletes) {
+  VATTN_ASSERT_OK_AND_ASSIGN(FenceId fence,
+                             backend_->RecordFence(Stream::PerThread()));
+  EXPECT_NE(fence, kCompletedFence);
+  VATTN_ASSERT_OK(backend_->WaitFence(fence));
+  VATTN_ASSERT_OK_AND_ASSIGN(bool done, backend_->FenceDone(fence));
+  EXPECT_TRUE(done);
+  VATTN_EXPECT_OK(backend_->ReleaseFence(fence));
+}
+
 TEST_F(CudaBackendTest, FenceOnTheDefaultStreamCompletes) {
   VATTN_ASSERT_OK_AND_ASSIGN(FenceId fence, backend_->RecordFence(Stream{}));
   EXPECT_NE(fence, kCompletedFence);
@@ -507,6 +519,38 @@ TEST_F(CudaBackendTest, RecordFenceOnACapturingStreamIsFailedPrecondition) {
   }
   EXPECT_EQ(backend_->counters().fences, 0);
   UnmapOne(*backend_, va, h);
+}
+
+// Another thread's global-mode graph capture (torch.cuda.graph's default)
+// must neither fail the backend's mapping and data calls (the map-ahead
+// thread keeps working during a capture) nor be invalidated by them.
+TEST_F(CudaBackendTest, MappingDuringAnotherThreadsCaptureLeavesItIntact) {
+  VATTN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<PrimaryContext> ctx,
+                             PrimaryContext::Make());
+  const internal::CudaDriver& d = ctx->d();
+  CUstream s = nullptr;
+  ASSERT_EQ(d.cuStreamCreate(&s, CU_STREAM_NON_BLOCKING), CUDA_SUCCESS);
+  ASSERT_EQ(d.cuStreamBeginCapture(s, CU_STREAM_CAPTURE_MODE_GLOBAL),
+            CUDA_SUCCESS);
+  std::thread mapper([&] {
+    DevicePtr va = 0;
+    PhysicalHandle h = kInvalidHandle;
+    ASSERT_NO_FATAL_FAILURE(MapOne(*backend_, &va, &h));
+    VATTN_EXPECT_OK(backend_->Zero(va, g_));
+    std::vector<std::uint8_t> back(64, 1);
+    VATTN_EXPECT_OK(backend_->CopyFromDevice(back.data(), va, back.size()));
+    EXPECT_EQ(back[0], 0);
+    UnmapOne(*backend_, va, h);
+  });
+  mapper.join();
+  CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
+  EXPECT_EQ(d.cuStreamIsCapturing(s, &status), CUDA_SUCCESS);
+  EXPECT_EQ(status, CU_STREAM_CAPTURE_STATUS_ACTIVE)
+      << "the backend's calls invalidated another thread's capture";
+  CUgraph graph = nullptr;
+  EXPECT_EQ(d.cuStreamEndCapture(s, &graph), CUDA_SUCCESS);
+  if (graph != nullptr) (void)d.cuGraphDestroy(graph);
+  (void)d.cuStreamDestroy(s);
 }
 
 // Issue 11 item 5 on the device: threads race FenceDone, WaitFence,
