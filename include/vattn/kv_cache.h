@@ -176,7 +176,8 @@ class VATTN_EXPORT KVCache {
   // the error is returned, and the memory stays mapped until it is
   // reclaimed. InvalidArgument: bad slot. FailedPrecondition: the slot is
   // not active (double Free). Also the backend's RecordFence errors (then
-  // nothing changed).
+  // nothing changed): FailedPrecondition on CUDA when the stream is being
+  // captured into a CUDA graph.
   absl::Status Free(int slot);
   absl::Status Free(int slot, Stream fence);
   absl::Status Free(int slot, NoFence);

@@ -53,7 +53,10 @@ struct KVCacheOptions {
 
   // ---- Physical memory ---------------------------------------------------
   // Cap on physical bytes (mapped extents plus pooled handles). 0: the
-  // backend's physical memory. When a Grow would exceed it, idle slots'
+  // backend's default budget (BackendCapabilities::default_budget_bytes): on
+  // CUDA the device's free memory when the backend was made, less
+  // max(1 GiB, 5% of total memory) (see MakeCudaBackend); on Host its
+  // physical memory. When a Grow would exceed it, idle slots'
   // extents are taken back first (least recently freed first); only then
   // does Grow return ResourceExhausted, leaving the slot unchanged.
   std::size_t memory_budget_bytes = 0;
