@@ -225,6 +225,9 @@ run_program() {  # step name, cap, json file (or -), binary, args...
     row "$name" fail "$secs" "timed out after ${limit}s"
   elif ((rc != 0)); then
     row "$name" fail "$secs" "rc=$rc: $(grep -m1 -i -E 'error|fail' "$WORK/$name.log" | cut -c1-70)"
+  elif grep -q 'ERROR OCCURRED' "$WORK/$name.log"; then
+    # Google Benchmark exits 0 when a benchmark reports an error.
+    row "$name" fail "$secs" "$(grep -c 'ERROR OCCURRED' "$WORK/$name.log") benchmarks errored: $(grep -m1 -o "ERROR OCCURRED: .*" "$WORK/$name.log" | cut -c17-76)"
   else
     row "$name" pass "$secs" "${json:+$(basename "$json")}"
   fi

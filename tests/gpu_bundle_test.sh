@@ -99,6 +99,10 @@ program_stub step_bench extra_2.json
 
 # ---- 2. A run with stubs -----------------------------------------------------------------
 gtest_stub cuda_gpu_test hang
+# Google Benchmark prints an error and still exits 0.
+cat >>"$B/step_bench" <<'EOF2'
+echo "Raw/Map/cuda/2    ERROR OCCURRED: 'no device'"
+EOF2
 gtest_stub attention_gpu_test fail
 mkdir -p "$T/out2"
 echo stale >"$T/out2/stale.txt"
@@ -114,6 +118,8 @@ check "run: the hanging step is killed at its timeout" grep -q 'cuda_gpu_test *f
 check "run: ... and the steps after it still ran" grep -q 'kv_cache_gpu_test *pass .*2 passed' "$T/run.log"
 check "run: a failing test binary is a fail" grep -q 'attention_gpu_test *fail .*1 failed (first: Suite.A)' "$T/run.log"
 check "run: programs pass" grep -q 'map_bench *pass' "$T/run.log"
+check "run: a benchmark that reports an error (rc 0) fails" \
+  grep -q 'step_bench *fail .*1 benchmarks errored: .no device' "$T/run.log"
 check "run: python skips without torch" grep -q 'python *skip' "$T/run.log"
 check "run: took under 30 s" test "$secs" -lt 30
 check "run: at most 7 files ($(nfiles "$T/out2"))" test "$(nfiles "$T/out2")" -le 7
@@ -123,6 +129,7 @@ check "run: logs.txt holds every step's log and the table" \
   grep -q 'step_bench ran: --backends=cuda' "$T/out2/logs.txt"
 
 # ---- 3. A budget too small for everything --------------------------------------------------
+program_stub step_bench
 gtest_stub cuda_gpu_test pass
 gtest_stub attention_gpu_test pass
 printf '#!/usr/bin/env bash\n[[ "${1:-}" == --gtest_list_tests ]] && { printf "S.\\n  A\\n"; exit 0; }\nsleep 6; printf "[       OK ] S.A (1 ms)\\n"\n' >"$B/kv_cache_gpu_test"
