@@ -33,6 +33,9 @@ std::int64_t SteadyNanos() {
 absl::Status KVCache::Impl::Init() {
   const BackendCapabilities& caps = backend->capabilities();
   budget = static_cast<std::int64_t>(opts.memory_budget_bytes);
+  if (budget == 0 && caps.default_budget_bytes > 0) {
+    budget = static_cast<std::int64_t>(caps.default_budget_bytes);
+  }
   if (budget == 0) {
     budget = caps.physical_memory_bytes > 0
                  ? static_cast<std::int64_t>(caps.physical_memory_bytes)
