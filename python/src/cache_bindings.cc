@@ -4,6 +4,7 @@
 // tensors (nb::ndarray) whose owner holds a reference to the KVCache, so a
 // view keeps the cache's memory alive after the Cache object is gone.
 #include <climits>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -306,15 +307,29 @@ void ReadArrays(const IntArray& slots, const IntArray& tokens, std::vector<StepR
   ForEachInt(tokens, n, [&](std::size_t i, std::int64_t v) { out[i].tokens = v; });
 }
 
-// A batch made once from two CPU integer arrays and read again at every
-// step: the serving loop updates the arrays in place (tokens += 1) and pays
-// no DLPack import per step. Holds the arrays' memory (their DLPack owners)
-// for its lifetime; an array resized or re-pointed afterwards is not
-// followed (its old memory stays alive and is what the batch reads).
+// A batch that owns the StepRequest array KVCache::Step reads, made once
+// from two CPU integer arrays (copied in). Its `slots` (int32) and `tokens`
+// (int64) attributes are strided DLPack views of that array: a decode loop
+// updates them in place (tokens += 1) and step(batch) hands the array to
+// Step with no conversion at all.
 struct PyStepBatch {
-  IntArray slots;
-  IntArray tokens;
+  std::vector<StepRequest> requests;
 };
+static_assert(sizeof(StepRequest) % sizeof(std::int64_t) == 0 &&
+                  offsetof(StepRequest, tokens) % sizeof(std::int64_t) == 0 &&
+                  offsetof(StepRequest, slot) == 0 && sizeof(int) == sizeof(std::int32_t),
+              "StepBatch views StepRequest's fields as strided int32/int64 arrays");
+
+// A 1-D view of one field of every request; the owner is the batch object.
+template <typename T>
+nb::ndarray<nb::array_api> FieldView(nb::handle self, std::size_t offset) {
+  PyStepBatch& b = nb::cast<PyStepBatch&>(self);
+  const std::size_t shape[1] = {b.requests.size()};
+  const std::int64_t strides[1] = {static_cast<std::int64_t>(sizeof(StepRequest) / sizeof(T))};
+  auto* base = reinterpret_cast<unsigned char*>(b.requests.data()) + offset;
+  return nb::ndarray<nb::array_api>(base, 1, shape, self, strides, nb::dtype<T>(),
+                                    nb::device::cpu::value, 0);
+}
 
 // ---- Options -----------------------------------------------------------------
 
@@ -395,20 +410,29 @@ void BindCache(nb::module_& m) {
 
   nb::class_<PyStepBatch>(
       m, "StepBatch",
-      "StepBatch(slots, tokens): two 1-D CPU integer arrays (torch tensors, "
-      "numpy arrays) imported once; cache.step(batch) reads their current "
-      "contents, so a decode loop updates them in place and pays no per-step "
-      "conversion. Keeps the arrays' memory alive; resizing an array "
-      "afterwards is not followed.")
+      "StepBatch(slots, tokens): the StepRequest array of one step, made "
+      "once from two 1-D CPU integer arrays (copied in). batch.slots (int32) "
+      "and batch.tokens (int64) are zero-copy strided views of it: update "
+      "them in place (torch.from_dlpack(batch.tokens).add_(1)) and "
+      "cache.step(batch) passes the array to KVCache::Step unconverted. Do "
+      "not write them while a step runs on another thread.")
       .def(
           "__init__",
           [](PyStepBatch* self, nb::handle slots, nb::handle tokens) {
             IntArray s, t;
             ImportArrays(slots, tokens, s, t);
-            new (self) PyStepBatch{std::move(s), std::move(t)};
+            std::vector<StepRequest> requests;
+            ReadArrays(s, t, requests);
+            new (self) PyStepBatch{std::move(requests)};
           },
           nb::arg("slots"), nb::arg("tokens"))
-      .def("__len__", [](const PyStepBatch& b) { return b.slots.shape(0); });
+      .def("__len__", [](const PyStepBatch& b) { return b.requests.size(); })
+      .def_prop_ro("slots", [](nb::handle self) {
+        return FieldView<std::int32_t>(self, offsetof(StepRequest, slot));
+      }, "The slots, an int32 DLPack view (writable, zero-copy).")
+      .def_prop_ro("tokens", [](nb::handle self) {
+        return FieldView<std::int64_t>(self, offsetof(StepRequest, tokens));
+      }, "The token counts, an int64 DLPack view (writable, zero-copy).");
 
   nb::class_<SlotInfo>(m, "SlotInfo", "A snapshot of one slot.")
       .def_ro("active", &SlotInfo::active)
@@ -565,20 +589,23 @@ void BindCache(nb::module_& m) {
             KVCache& c = self.Get();
             thread_local std::vector<StepRequest> requests;
             PyStepBatch* prepared = nullptr;
+            absl::Span<const StepRequest> span;
             if (!tokens.is_none()) {
               IntArray s, t;
               ImportArrays(batch, tokens, s, t);
               ReadArrays(s, t, requests);
+              span = requests;
             } else if (!PyList_Check(batch.ptr()) && !PyTuple_Check(batch.ptr()) &&
                        nb::try_cast(batch, prepared) && prepared != nullptr) {
-              ReadArrays(prepared->slots, prepared->tokens, requests);
+              span = prepared->requests;  // No conversion: Step reads it.
             } else {
               ParsePairs(batch, requests);
+              span = requests;
             }
             absl::StatusOr<StepResult> r;
             {
               nb::gil_scoped_release release;
-              r = c.Step(absl::MakeConstSpan(requests));
+              r = c.Step(span);
             }
             return ValueOrRaise(std::move(r));
           },

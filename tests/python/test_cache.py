@@ -147,18 +147,23 @@ def test_step_accepts_pairs_and_tensors(host_backend):
     assert [cache.slot_info(s).length for s in slots] == [50, 51, 52]
     assert cache.stats().step_calls == 6
     cache.step([])  # An empty batch is a no-op step.
-    # A StepBatch reads its tensors' current contents at every step.
-    slot_t = torch.tensor(slots)
-    tokens_t = torch.tensor([60, 61, 62], dtype=torch.int32)
-    batch = vattn.StepBatch(slot_t, tokens_t)
+    # A StepBatch owns the StepRequest array; its slots/tokens views alias it.
+    batch = vattn.StepBatch(torch.tensor(slots), torch.tensor([60, 61, 62], dtype=torch.int32))
     assert len(batch) == 3
     cache.step(batch)
     assert [cache.slot_info(s).length for s in slots] == [60, 61, 62]
-    tokens_t += 5
+    tokens_view = torch.from_dlpack(batch.tokens)
+    assert tokens_view.dtype == torch.int64 and tokens_view.tolist() == [60, 61, 62]
+    assert torch.from_dlpack(batch.slots).tolist() == slots
+    tokens_view += 5
     cache.step(batch)
     assert [cache.slot_info(s).length for s in slots] == [65, 66, 67]
-    del slot_t, tokens_t  # The batch keeps the memory.
+    np.from_dlpack(batch.tokens)[1] = 70
     cache.step(batch)
+    assert [cache.slot_info(s).length for s in slots] == [65, 70, 67]
+    del batch
+    tokens_view += 1  # The view keeps the batch's memory alive.
+    assert tokens_view.tolist() == [66, 71, 68]
     with pytest.raises(TypeError):
         vattn.StepBatch(torch.tensor([0.5]), torch.tensor([1]))
     with pytest.raises(vattn.InvalidArgumentError):
