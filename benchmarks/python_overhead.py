@@ -10,7 +10,7 @@ shape and calls, Google Benchmark, median of --repeats) first, then times the
 Python calls (median of --repeats runs of N calls each, with the spread):
 grow to the current length (a no-op), step at batch 1/32/256 given as a list
 of (slot, tokens) pairs, as two int64 tensors, and as a vattn.StepBatch made
-once from two tensors (read in place at every step), and the export of a view
+once from two tensors (it owns the StepRequest array), and the export of a view
 (cache.k(layer), and torch.from_dlpack of it). Prints a Markdown table with
 the ratio to C++ (target: step at batch 256 within 1.5x of C++ Step).
 --clock=cpu (the default) times thread CPU time on both sides (Google
