@@ -15,9 +15,11 @@
 #define VATTN_KV_CACHE_H_
 
 #include <array>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -89,6 +91,13 @@ struct NoFence {
   explicit constexpr NoFence() = default;
 };
 inline constexpr NoFence kNoFence{};
+
+// A virtual address range of the cache (see KVCache::SlotRanges): `bytes`
+// bytes from `address`, a device address for device backends.
+struct MemoryRange {
+  DevicePtr address = 0;
+  std::size_t bytes = 0;
+};
 
 // Owns a virtual reservation on a backend (shared with the caller), the
 // physical handles mapped into it, and (with map_ahead_tokens > 0) one
@@ -167,7 +176,8 @@ class VATTN_EXPORT KVCache {
   // the error is returned, and the memory stays mapped until it is
   // reclaimed. InvalidArgument: bad slot. FailedPrecondition: the slot is
   // not active (double Free). Also the backend's RecordFence errors (then
-  // nothing changed).
+  // nothing changed): FailedPrecondition on CUDA when the stream is being
+  // captured into a CUDA graph.
   absl::Status Free(int slot);
   absl::Status Free(int slot, Stream fence);
   absl::Status Free(int slot, NoFence);
@@ -191,6 +201,29 @@ class VATTN_EXPORT KVCache {
   CacheStats Stats() const;
   // InvalidArgument: bad slot.
   absl::StatusOr<SlotInfo> GetSlot(int slot) const;
+  // The virtual ranges that hold tokens [0, tokens) of an active slot, for a
+  // transfer engine (NIXL, Mooncake) to read or write them as a whole. The
+  // order is fixed by the layout, so two caches of the same shape agree on
+  // it range by range: token-major, one range (every layer's K and V of
+  // each token, token after token); layer-major, 2 x num_layers ranges, K of
+  // layer 0, V of layer 0, K of layer 1, ... (each the slot's tokens of one
+  // tensor). Every range is tokens x bytes_per_token() / (number of ranges)
+  // bytes; tokens == 0 gives no range. The addresses lie in the cache's
+  // reservation, which never moves for the cache's life, so an engine may
+  // register them once; they are backed only while the slot is active and
+  // backs them (its memory may be unmapped once it is freed).
+  // InvalidArgument: bad slot or tokens < 0. FailedPrecondition: the slot is
+  // not active. OutOfRange: tokens above the slot's backed tokens
+  // (SlotInfo::backed_tokens; Grow it first) or above max_tokens.
+  // Thread-safe; takes the cache's lock (not for Step's hot path).
+  absl::StatusOr<std::vector<MemoryRange>> SlotRanges(int slot,
+                                                      std::int64_t tokens) const;
+  // The cache's whole virtual reservation (every slot, every layer). It
+  // never moves for the cache's life; most of it is unbacked at any time.
+  // For a transport that registers address ranges without pinning pages
+  // (UCX over shared memory/CMA or TCP on the Host backend), registering it
+  // once covers every SlotRanges; see README, "Scale-out". Thread-safe.
+  MemoryRange Reservation() const;
 
   const KVCacheOptions& options() const;
   const std::shared_ptr<Backend>& backend() const;
