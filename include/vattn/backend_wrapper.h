@@ -32,6 +32,9 @@ class VATTN_EXPORT BackendWrapper : public Backend {
   // `kind` names the wrapper: capabilities().name is "kind(inner's name)";
   // the other capabilities are the inner backend's. `inner` is not null.
   BackendWrapper(std::shared_ptr<Backend> inner, const std::string& kind);
+  // The same, with capabilities the wrapper states itself (a test backend
+  // modelling a device, say); `caps.name` is used as given.
+  BackendWrapper(std::shared_ptr<Backend> inner, BackendCapabilities caps);
 
   absl::StatusOr<DevicePtr> DoReserve(std::size_t bytes) override;
   absl::Status DoRelease(DevicePtr va, std::size_t bytes) override;

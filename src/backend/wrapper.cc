@@ -26,6 +26,10 @@ BackendWrapper::BackendWrapper(std::shared_ptr<Backend> inner,
                                const std::string& kind)
     : Backend(WrappedCaps(*inner, kind)), inner_(std::move(inner)) {}
 
+BackendWrapper::BackendWrapper(std::shared_ptr<Backend> inner,
+                               BackendCapabilities caps)
+    : Backend(std::move(caps)), inner_(std::move(inner)) {}
+
 // By now the subclass is gone, so the hooks below are the plain forwarding
 // ones: shutdown is neither charged nor failed on purpose.
 BackendWrapper::~BackendWrapper() { ReleaseAllForShutdown(); }
