@@ -19,11 +19,12 @@
 // ranks and checked, as attention's all-gather would see it.
 //
 // With --map-ahead=N each rank also runs the map-ahead thread, and waits for
-// it after every call (WaitForBackgroundIdle): the thread maps when it gets
-// to run (AllocSlot's hint races the Grow that follows it), so without that
-// sync point the ranks' extents differ, then which idle slot best fits the
-// next request, and so the slots themselves. Run TP ranks with map-ahead
-// off, or with such sync points.
+// it after every call (WaitForBackgroundIdle). That is not enough for
+// lockstep: the thread maps when it gets to run and also wakes on
+// wall-clock deadlines, so the ranks' extents and pooled handles can differ,
+// then which idle slot best fits the next request, and so the slots
+// themselves; the program then reports the mismatch. Run TP ranks with
+// map-ahead off.
 //
 // Usage: tp_ranks [--requests=N] [--map-ahead=TOKENS] [--seed=S]
 // Exit 1 on any mismatch.
@@ -162,8 +163,8 @@ int main(int argc, char** argv) {
   long mismatches = 0;
   long tokens_checked = 0;
   long preempted = 0;
-  // With map-ahead, each rank waits for its thread after every call: the
-  // sync point that makes the thread's extents the same on every rank.
+  // With map-ahead, each rank waits for its thread after every call (which
+  // narrows, but does not close, the timing window: see the top).
   auto sync = [&](Rank& r) {
     if (map_ahead > 0) (void)r.cache->WaitForBackgroundIdle();
   };

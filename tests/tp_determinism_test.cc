@@ -11,11 +11,12 @@
 // every decision after every call.
 //
 // Map-ahead off: decisions are a function of the calls alone.
-// Map-ahead on: the background thread maps when it gets to run, so extent
-// sizes, misses and which idle memory is left to reuse depend on timing;
-// they match only when each rank waits for its thread at the same point
-// (WaitForBackgroundIdle after every call, as the test does). Without that
-// sync point determinism does not hold, and the test does not claim it.
+// Map-ahead on: the background thread maps when it gets to run, and it also
+// wakes on wall-clock deadlines (its estimate of when a slot runs out of
+// look-ahead), so even a WaitForBackgroundIdle after every call does not
+// pin when it runs: extent sizes and pooled handles then depend on timing
+// (seen under ThreadSanitizer: one rank pooled a 64 KiB handle the other did
+// not). Determinism is claimed, and tested, with map-ahead off only.
 // The pool's background refill (pool_low_water/high_water) stays off: its
 // target follows demand in wall-clock periods, so it is not deterministic.
 
@@ -203,8 +204,6 @@ TEST_P(TpDeterminismTest, TwoRanksFedTheSameCallsDecideTheSame) {
       std::string result[2];
       for (int r = 0; r < 2; ++r) {
         result[r] = Apply(*ranks[r], call);
-        // The sync point that makes map-ahead deterministic (see the top).
-        if (c.map_ahead_tokens > 0) VATTN_ASSERT_OK(ranks[r]->WaitForBackgroundIdle());
       }
       refused += result[0] != "OK" && result[0].rfind("slot", 0) != 0;
       ASSERT_EQ(result[0], result[1]) << "step " << i << ": " << call.ToString();
@@ -230,8 +229,7 @@ TEST_P(TpDeterminismTest, TwoRanksFedTheSameCallsDecideTheSame) {
 
 INSTANTIATE_TEST_SUITE_P(
     Ranks, TpDeterminismTest,
-    ::testing::Values(Case{Layout::kTokenMajor, 0}, Case{Layout::kLayerMajor, 0},
-                      Case{Layout::kTokenMajor, 64}, Case{Layout::kLayerMajor, 64}),
+    ::testing::Values(Case{Layout::kTokenMajor, 0}, Case{Layout::kLayerMajor, 0}),
     [](const ::testing::TestParamInfo<Case>& p) {
       return absl::StrCat(p.param.layout == Layout::kTokenMajor ? "TokenMajor" : "LayerMajor",
                           p.param.map_ahead_tokens > 0 ? "MapAheadSynced" : "MapAheadOff");
