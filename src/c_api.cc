@@ -210,6 +210,12 @@ void ToC(const CacheStats& s, vattn_cache_stats* c) {
   c->step_map_nanos = s.step_map_nanos;
   c->background_extents = s.background_extents;
   c->background_creates = s.background_creates;
+  c->background_wakeups = s.background_wakeups;
+  c->background_deadline_wakeups = s.background_deadline_wakeups;
+  c->background_caller_wakeups = s.background_caller_wakeups;
+  c->quarantined_extents = s.quarantined_extents;
+  c->quarantined_bytes = s.quarantined_bytes;
+  c->background_failures = s.background_failures;
 }
 
 // A new backend handle in *out, or the factory's error.

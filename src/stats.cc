@@ -21,7 +21,8 @@ std::string CacheStats::ToString() const {
       "policy: %d grows, %d extents, %d reuse hits, %d adopted, reclaimed "
       "%.1f MiB in %d extents, %d fence waits, zeroed %.1f MiB\n"
       "step: %d calls, %d misses, %.3f ms mapping on the caller; background "
-      "mapped %d extents, created %d handles, %d failures\n"
+      "mapped %d extents, created %d handles, %d failures, %d wake-ups (%d "
+      "on its deadline, %d by callers)\n"
       "faults: %d extents (%.1f MiB) in quarantine",
       MiB(physical_bytes), MiB(peak_physical_bytes), MiB(budget_bytes),
       MiB(mapped_bytes), MiB(surplus_bytes), MiB(pooled_bytes),
@@ -31,7 +32,8 @@ std::string CacheStats::ToString() const {
       MiB(reclaimed_bytes), reclaimed_extents, fence_waits, MiB(zeroed_bytes),
       step_calls, step_misses, static_cast<double>(step_map_nanos) / 1e6,
       background_extents, background_creates, background_failures,
-      quarantined_extents, MiB(quarantined_bytes));
+      background_wakeups, background_deadline_wakeups,
+      background_caller_wakeups, quarantined_extents, MiB(quarantined_bytes));
 }
 
 }  // namespace vattn

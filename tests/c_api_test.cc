@@ -284,6 +284,20 @@ TEST_F(CApiTest, MapAheadCacheStartsAndStops) {
   ASSERT_EQ(vattn_cache_get_slot(cache_, slot, &info), VATTN_OK);
   EXPECT_EQ(info.length, 300);
   EXPECT_GE(info.backed_tokens, 300);
+
+  // The thread's and the faults' counters are filled in (0xff bytes would
+  // read as -1).
+  vattn_cache_stats stats;
+  std::memset(&stats, 0xff, sizeof(stats));
+  stats.struct_size = sizeof(stats);
+  ASSERT_EQ(vattn_cache_get_stats(cache_, &stats), VATTN_OK);
+  EXPECT_GE(stats.background_wakeups, 0);
+  EXPECT_GE(stats.background_caller_wakeups, 0);
+  EXPECT_GE(stats.background_deadline_wakeups, 0);
+  EXPECT_LE(stats.background_deadline_wakeups, stats.background_wakeups);
+  EXPECT_EQ(stats.quarantined_extents, 0);
+  EXPECT_EQ(stats.quarantined_bytes, 0);
+  EXPECT_EQ(stats.background_failures, 0);
   // Destroyed in TearDown with the slot active and the thread running.
 }
 

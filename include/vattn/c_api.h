@@ -320,6 +320,15 @@ typedef struct vattn_cache_stats {
   int64_t step_map_nanos;
   int64_t background_extents;
   int64_t background_creates;
+  /* Map-ahead thread wake-ups: all, on its own deadline, by a caller. */
+  int64_t background_wakeups;
+  int64_t background_deadline_wakeups;
+  int64_t background_caller_wakeups;
+
+  /* Faults (see vattn::CacheStats). */
+  int64_t quarantined_extents;
+  int64_t quarantined_bytes;
+  int64_t background_failures;
 } vattn_cache_stats;
 
 /* Fills *out (whose struct_size the caller has set). InvalidArgument: a NULL

@@ -461,6 +461,8 @@ void BindCache(nb::module_& m) {
   VATTN_STAT(zeroed_bytes) VATTN_STAT(quarantined_extents) VATTN_STAT(quarantined_bytes)
   VATTN_STAT(background_failures) VATTN_STAT(step_calls) VATTN_STAT(step_misses)
   VATTN_STAT(step_map_nanos) VATTN_STAT(background_extents) VATTN_STAT(background_creates)
+  VATTN_STAT(background_wakeups) VATTN_STAT(background_deadline_wakeups)
+  VATTN_STAT(background_caller_wakeups)
 #undef VATTN_STAT
   stats.def("__str__", &CacheStats::ToString)
       .def("__repr__", [](const CacheStats& s) {

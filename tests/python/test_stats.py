@@ -15,6 +15,7 @@ STATS_FIELDS = [
     "reclaimed_extents", "fence_waits", "zeroed_bytes", "quarantined_extents",
     "quarantined_bytes", "background_failures", "step_calls", "step_misses",
     "step_map_nanos", "background_extents", "background_creates",
+    "background_wakeups", "background_deadline_wakeups", "background_caller_wakeups",
 ]
 
 
