@@ -179,7 +179,7 @@ absl::StatusOr<std::vector<PhysicalHandle>> KVCache::Impl::AcquireHandles(
   }
   // Take idle memory back, one extent at a time, until the minimum fits.
   for (;;) {
-    VATTN_ASSIGN_OR_RETURN(std::int64_t reclaimed, ReclaimOne());
+    VATTN_ASSIGN_OR_RETURN(std::int64_t reclaimed, ReclaimOne(order.minimum));
     if (order.TakeAsIs(reclaimed)) {
       absl::StatusOr<std::vector<PhysicalHandle>> handles = pool->Acquire(
           static_cast<std::size_t>(reclaimed), n, /*quiet=*/true);
@@ -212,7 +212,7 @@ std::int64_t KVCache::Impl::RetryQuarantinesLocked() {
   return 0;
 }
 
-absl::StatusOr<std::int64_t> KVCache::Impl::ReclaimOne() {
+absl::StatusOr<std::int64_t> KVCache::Impl::ReclaimOne(std::int64_t need) {
   MutexLock lock(&mu);
   // Quarantined extents that can now be unmapped are the first to go.
   if (const std::int64_t freed = RetryQuarantinesLocked(); freed > 0) {
@@ -224,7 +224,7 @@ absl::StatusOr<std::int64_t> KVCache::Impl::ReclaimOne() {
         [this](int i) ABSL_NO_THREAD_SAFETY_ANALYSIS {
           return PruneFencesLocked(At(i));
         },
-        &wait);
+        &wait, need);
     if (victim < 0) {
       if (!wait) return 0;
       state_cv.Wait(&mu);

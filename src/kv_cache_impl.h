@@ -172,7 +172,10 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
   std::int64_t RetryQuarantinesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // Takes the last extent of the slot placement chooses back into the pool
   // and returns its size per region; 0 when no slot can give memory.
-  absl::StatusOr<std::int64_t> ReclaimOne() ABSL_LOCKS_EXCLUDED(mu);
+  // With need > 0 (bytes per region the caller must take back), the
+  // victim is chosen by its last extent's size (Placement::ChooseVictim).
+  absl::StatusOr<std::int64_t> ReclaimOne(std::int64_t need = 0)
+      ABSL_LOCKS_EXCLUDED(mu);
   // Releases the slot's fences that have completed; true when none is left.
   bool PruneFencesLocked(Slot& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // Waits for (and releases) the slot's fences. The slot is busy; drops mu.

@@ -33,7 +33,10 @@ void Placement::Unindex(int slot) {
     }
     if (e.op == SlotOp::kNone) {
       placeable_.erase({held, slot});
-      if (!e.ends.empty()) lru_.erase({e.idle_seq, slot});
+      if (!e.ends.empty()) {
+        lru_.erase({e.idle_seq, slot});
+        by_last_.erase({LastBytes(e), e.idle_seq, slot});
+      }
     } else {
       --idle_busy_;
       if (!e.ends.empty() && e.op != SlotOp::kMapping) --idle_freeing_;
@@ -62,7 +65,10 @@ void Placement::Index(int slot) {
     }
     if (e.op == SlotOp::kNone) {
       placeable_.insert({held, slot});
-      if (!e.ends.empty()) lru_.insert({e.idle_seq, slot});
+      if (!e.ends.empty()) {
+        lru_.insert({e.idle_seq, slot});
+        by_last_.insert({LastBytes(e), e.idle_seq, slot});
+      }
     } else {
       ++idle_busy_;
       if (!e.ends.empty() && e.op != SlotOp::kMapping) ++idle_freeing_;
@@ -150,9 +156,23 @@ int Placement::ChooseSlotFor(std::int64_t want_bytes, std::int64_t waste_limit,
 }
 
 int Placement::ChooseVictim(absl::FunctionRef<bool(int)> fences_done,
-                            bool* wait) const {
+                            bool* wait, std::int64_t need) const {
   *wait = false;
   int probes = 0;
+  if (need > 0) {
+    // The smallest last extent that covers the need: one unmap frees it.
+    for (auto it = by_last_.lower_bound({need, 0, -1});
+         it != by_last_.end() && probes <= kMaxProbes; ++it, ++probes) {
+      if (fences_done(it->slot)) return it->slot;
+    }
+    // None does: the largest, so that the fewest unmaps add up to it.
+    probes = 0;
+    for (auto it = by_last_.rbegin();
+         it != by_last_.rend() && probes <= kMaxProbes; ++it, ++probes) {
+      if (fences_done(it->slot)) return it->slot;
+    }
+    probes = 0;
+  }
   for (auto it = lru_.begin(); it != lru_.end() && probes <= kMaxProbes;
        ++it, ++probes) {
     if (fences_done(it->second)) return it->second;

@@ -11,6 +11,8 @@
 //               region): best fit for a hint is a lower_bound;
 //   lru_        idle, not busy slots holding extents, least recently idled
 //               first: reclamation's first choice is begin();
+//   by_last_    the same slots by the size of their last extent: a Grow
+//               that must take memory back takes the one that fits it;
 //   surplus_    active, not busy slots with surplus, largest first.
 // Each slot also keeps the end offset of each of its extents (ascending), so
 // "how far does the extent covering the hint reach" is a binary search.
@@ -108,7 +110,15 @@ class Placement {
   // fences have completed). Active slots' backing extents are never taken.
   // -1 when no slot can give; then *wait says whether an idle slot is being
   // unmapped or zeroed (its memory is about to come free).
-  int ChooseVictim(absl::FunctionRef<bool(int)> fences_done, bool* wait) const;
+  // With need > 0 (bytes per region a Grow must take back), an idle slot
+  // is chosen by the size of its last extent instead of by age: the
+  // smallest that is at least `need` (one unmap covers it, and an extent of
+  // the size the Grow maps moves over as it is: unmap + map, instead of
+  // unmap + destroy + create + map), else the largest (the fewest unmaps
+  // add up to it); fences completed. Ties go to the least recently idled
+  // among covering extents, to the most recently idled among the largest.
+  int ChooseVictim(absl::FunctionRef<bool(int)> fences_done, bool* wait,
+                   std::int64_t need = 0) const;
 
   // ---- Totals, kept as they change (O(1)).
   // Idle slots holding at least one extent.
@@ -146,6 +156,22 @@ class Placement {
   std::set<std::pair<std::int64_t, int>> placeable_;
   // (idle_seq, slot) of idle, not busy slots holding extents.
   std::set<std::pair<std::uint64_t, int>> lru_;
+  // (last extent's bytes, idle_seq, slot) of the same slots as lru_.
+  struct FitKey {
+    std::int64_t last_bytes;
+    std::uint64_t idle_seq;
+    int slot;
+    bool operator<(const FitKey& o) const {
+      if (last_bytes != o.last_bytes) return last_bytes < o.last_bytes;
+      if (idle_seq != o.idle_seq) return idle_seq < o.idle_seq;
+      return slot < o.slot;
+    }
+  };
+  std::set<FitKey> by_last_;
+  static std::int64_t LastBytes(const Entry& e) {
+    if (e.ends.empty()) return 0;
+    return e.ends.size() == 1 ? e.ends[0] : e.ends.back() - e.ends[e.ends.size() - 2];
+  }
   // (-surplus bytes, slot) of active, not busy slots with surplus.
   std::set<std::pair<std::int64_t, int>> surplus_;
   int idle_busy_ = 0;      // Idle slots with an operation in flight.

@@ -133,6 +133,37 @@ TEST(PlacementTest, ActiveSlotsGiveOnlySurplusLargestFirstAfterIdleSlots) {
   EXPECT_EQ(p.ChooseVictim(AllDone, &wait), 0);
 }
 
+TEST(PlacementTest, AGrowThatMustTakeMemoryBackTakesTheLastExtentThatFitsIt) {
+  Placement p(4);
+  Idle(p, 0, {1});     // Least recently idled.
+  Idle(p, 1, {2, 4});  // Last extent 4 granules.
+  Idle(p, 2, {4});
+  Idle(p, 3, {8});
+  bool wait = true;
+  EXPECT_EQ(p.ChooseVictim(AllDone, &wait), 0) << "no size asked: LRU";
+  EXPECT_EQ(p.ChooseVictim(AllDone, &wait, 4 * kG), 1)
+      << "two fit exactly: the least recently idled";
+  EXPECT_EQ(p.ChooseVictim(AllDone, &wait, 3 * kG), 1)
+      << "the smallest that covers the need";
+  EXPECT_EQ(p.ChooseVictim(AllDone, &wait, 5 * kG), 3)
+      << "only one covers it";
+  EXPECT_EQ(p.ChooseVictim(AllDone, &wait, 9 * kG), 3)
+      << "none covers it: the largest";
+  EXPECT_EQ(p.ChooseVictim([](int s) { return s != 1; }, &wait, 4 * kG), 2)
+      << "fences pending on slot 1";
+  EXPECT_EQ(p.ChooseVictim([](int s) { return s != 3; }, &wait, 9 * kG), 2)
+      << "the largest has fences pending: the next largest, newest first";
+  p.OnSlotOp(1, SlotOp::kUnmapping);  // Busy: not a candidate.
+  EXPECT_EQ(p.ChooseVictim(AllDone, &wait, 4 * kG), 2);
+  p.OnSlotOp(1, SlotOp::kNone);
+  p.OnExtentsChanged(1, Extents({2}), 1);  // Its 4 went back.
+  EXPECT_EQ(p.ChooseVictim(AllDone, &wait, 2 * kG), 1)
+      << "indexed by its new last extent";
+  p.OnSlotActive(3);  // Taken by a request: its extents back it.
+  EXPECT_EQ(p.ChooseVictim(AllDone, &wait, 9 * kG), 2)
+      << "an active slot's backing extents are never taken";
+}
+
 TEST(PlacementTest, NoVictimWaitsOnlyForSlotsBeingUnmappedOrZeroed) {
   Placement p(2);
   Idle(p, 0, {1});
@@ -248,12 +279,40 @@ class ScanModel {
     return best;
   }
 
-  int ChooseVictim(const std::vector<bool>& done, bool* wait) const {
+  int ChooseVictim(const std::vector<bool>& done, bool* wait,
+                   std::int64_t need = 0) const {
     int idle_ready = -1, idle_oldest = -1, surplus_ready = -1, surplus_any = -1;
     *wait = false;
     auto at = [this](int i) -> const Slot& {
       return slots[static_cast<std::size_t>(i)];
     };
+    if (need > 0) {
+      // Idle, not busy, fences done: the smallest last extent >= need
+      // (oldest first), else the largest (newest first).
+      int covering = -1, largest = -1;
+      for (int i = 0; i < static_cast<int>(slots.size()); ++i) {
+        const Slot& e = at(i);
+        if (e.bytes.empty() || e.active || e.op != SlotOp::kNone ||
+            !done[static_cast<std::size_t>(i)]) {
+          continue;
+        }
+        const std::int64_t last = e.bytes.back();
+        if (last >= need) {
+          if (covering < 0 || last < at(covering).bytes.back() ||
+              (last == at(covering).bytes.back() &&
+               e.idle_seq < at(covering).idle_seq)) {
+            covering = i;
+          }
+        }
+        if (largest < 0 || last > at(largest).bytes.back() ||
+            (last == at(largest).bytes.back() &&
+             e.idle_seq > at(largest).idle_seq)) {
+          largest = i;
+        }
+      }
+      if (covering >= 0) return covering;
+      if (largest >= 0) return largest;
+    }
     for (int i = 0; i < static_cast<int>(slots.size()); ++i) {
       const Slot& e = at(i);
       if (e.bytes.empty()) continue;
@@ -388,6 +447,14 @@ TEST(PlacementTest, IndexDecidesAsAFullScanOnRandomSequences) {
               },
                              &wait_p),
               m.ChooseVictim(done, &wait_m));
+    ASSERT_EQ(wait_p, wait_m);
+    const std::int64_t need = pick(2) == 0 ? 0 : (1 + pick(9)) * kG;
+    ASSERT_EQ(p.ChooseVictim([&done](int k) {
+                return static_cast<bool>(done[static_cast<std::size_t>(k)]);
+              },
+                             &wait_p, need),
+              m.ChooseVictim(done, &wait_m, need))
+        << "need " << need / kG;
     ASSERT_EQ(wait_p, wait_m);
     std::int64_t idle_bytes = 0, surplus = 0;
     int idle_with_memory = 0;
