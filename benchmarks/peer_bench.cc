@@ -35,11 +35,13 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_split.h"
 #include "fmt/core.h"
 #include "vattn/vattn.h"
+#include "bench_backend.h"
 
 namespace {
 
@@ -72,39 +74,6 @@ const char kHelp[] =
     "  --quiet_ms=N       length of each quiet phase (default 500)\n"
     "  --seed=N           workload seed (default 42)\n"
     "  --json             one JSON object on stdout instead of the summary\n";
-
-std::shared_ptr<vattn::Backend> MakeBackend(const std::string& name,
-                                            std::string* why) {
-  if (name == "cuda") {
-    auto b = vattn::MakeCudaBackend(0);
-    if (!b.ok()) {
-      *why = std::string(b.status().message());
-      return nullptr;
-    }
-    return *b;
-  }
-  if (name != "host" && name != "h200-model") {
-    *why = "unknown backend '" + name + "' (h200-model, host or cuda)";
-    return nullptr;
-  }
-  // Handles are never touched, so the memfd stays sparse: let the Host
-  // backend hand out more than this machine's RAM.
-  vattn::HostBackendOptions host_opts;
-  host_opts.physical_limit_bytes = std::size_t{1} << 40;
-  auto host = vattn::MakeHostBackend(host_opts);
-  if (!host.ok()) {
-    *why = std::string(host.status().message());
-    return nullptr;
-  }
-  if (name == "host") return *host;
-  auto model =
-      vattn::MakeLatencyModelBackend(*host, vattn::LatencyCosts::H200());
-  if (!model.ok()) {
-    *why = std::string(model.status().message());
-    return nullptr;
-  }
-  return *model;
-}
 
 using Clock = std::chrono::steady_clock;
 
@@ -473,13 +442,14 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "peer_bench: %s\n%s", error.c_str(), kHelp);
     return 2;
   }
-  std::string why;
-  std::shared_ptr<vattn::Backend> backend = MakeBackend(flags.backend, &why);
-  if (backend == nullptr) {
+  auto made = vattn_bench::MakeBenchBackend(flags.backend);
+  if (!made.ok()) {
     std::fprintf(stderr, "peer_bench: backend %s unavailable: %s\n",
-                 flags.backend.c_str(), why.c_str());
+                 flags.backend.c_str(),
+                 std::string(made.status().message()).c_str());
     return flags.backend == "cuda" ? 77 : 1;  // 77: skipped (no device).
   }
+  const std::shared_ptr<vattn::Backend> backend = *std::move(made);
   const std::string load_before = LoadAvg();
   std::vector<Result> results;
   for (int batch : flags.batches) {

@@ -27,12 +27,14 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_split.h"
 #include "benchmark/benchmark.h"
 #include "fmt/core.h"
 #include "vattn/vattn.h"
+#include "bench_backend.h"
 
 namespace {
 
@@ -43,35 +45,6 @@ struct Flags {
   int compute_us = 1000;
 };
 Flags g_flags;
-
-std::shared_ptr<vattn::Backend> MakeBackend(const std::string& name,
-                                            std::string* why) {
-  if (name == "cuda") {
-    auto b = vattn::MakeCudaBackend(0);
-    if (!b.ok()) {
-      *why = std::string(b.status().message());
-      return nullptr;
-    }
-    return *b;
-  }
-  // Handles are never touched here, so the memfd stays sparse: let the
-  // Host backend hand out more than this machine's RAM.
-  vattn::HostBackendOptions host_opts;
-  host_opts.physical_limit_bytes = std::size_t{1} << 40;
-  auto host = vattn::MakeHostBackend(host_opts);
-  if (!host.ok()) {
-    *why = std::string(host.status().message());
-    return nullptr;
-  }
-  if (name == "host") return *host;
-  auto latency = vattn::MakeLatencyModelBackend(*host,
-                                                vattn::LatencyCosts::H200());
-  if (!latency.ok()) {
-    *why = std::string(latency.status().message());
-    return nullptr;
-  }
-  return *latency;
-}
 
 void SpinFor(std::chrono::microseconds d) {
   const auto end = std::chrono::steady_clock::now() + d;
@@ -89,14 +62,15 @@ double Percentile(std::vector<double> v, double p) {
 
 void BM_Step(benchmark::State& state, std::string backend_name, int batch,
              bool lookahead) {
-  std::string why;
-  std::shared_ptr<vattn::Backend> backend = MakeBackend(backend_name, &why);
-  if (backend == nullptr) {
-    state.SkipWithError(("backend unavailable: " + why).c_str());
+  auto made = vattn_bench::MakeBenchBackend(backend_name);
+  if (!made.ok()) {
+    state.SkipWithError(
+        ("backend unavailable: " + std::string(made.status().message())).c_str());
     for (auto _ : state) {
     }
     return;
   }
+  const std::shared_ptr<vattn::Backend> backend = *std::move(made);
   vattn::KVCacheOptions opts;  // Llama-3-8B: 32 layers, 8 KV heads, dim 128.
   opts.max_slots = batch + batch / 4 + 1;
   opts.max_tokens = 4096;
