@@ -303,6 +303,7 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
 absl::Duration KVCache::Impl::IdleNap() {
   MutexLock lock(&mu);
   pace.Observe(step_calls.load(std::memory_order_relaxed), SteadyNanos());
+  // Backing off after a failure: sleep until it ends.
   if (const std::int64_t left = BackoffLeftLocked(); left > 0) {
     return absl::Nanoseconds(left);
   }
