@@ -248,10 +248,9 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
                                                bool* mapped_here) {
   Slot& s = At(slot);
   const std::int64_t need = geo.BytesFor(tokens);
-  const int backing_before = s.backing_extents();
   // The lock is dropped below: another thread may free the slot meanwhile,
   // and another request take it. This call serves only the request it
-  // found; the books it may roll back are that request's.
+  // found.
   const std::uint64_t request = s.request();
   const auto gone = [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
     return !s.active() || s.request() != request;
@@ -262,29 +261,34 @@ absl::Status KVCache::Impl::EnsureBackedLocked(int slot, std::int64_t tokens,
       state_cv.Wait(&mu);
       continue;
     }
-    if (AdoptUpToLocked(slot, need)) continue;
-    const std::int64_t deficit = need - s.backing_bytes();
+    // Surplus alone covers the need: adopt it (no driver call to fail).
+    if (s.mapped_bytes() >= need) {
+      AdoptUpToLocked(slot, need);
+      continue;
+    }
+    // Otherwise map the rest after every extent the slot holds, and let the
+    // surplus in front of it back the slot only when that map commits: once
+    // adopted, backed memory is published to Step's lock-free path (the
+    // owner's Step may report and write it at once), so a failed map must
+    // not have adopted anything it would have to take back.
+    const std::int64_t deficit = need - s.mapped_bytes();
     // With look-ahead on, one extent covers the look-ahead too (as the
     // thread would map it): a new prompt costs one map whichever side gets
     // to it first, instead of the caller's plus the thread's.
     const std::int64_t wanted =
         look_ahead ? std::max(deficit, TargetBytes(s, opts.map_ahead_tokens) -
-                                           s.backing_bytes())
+                                           s.mapped_bytes())
                    : deficit;
+    // The slot is busy while it maps: nobody else changes its extents.
+    const std::int64_t surplus_extents =
+        static_cast<std::int64_t>(s.extents().size()) - s.backing_extents();
     foreground_maps.fetch_add(1, std::memory_order_relaxed);
     absl::Status status = mapper->MapNextLocked(
-        mu, slot, s, geo.ExtentSize(s.backing_bytes(), wanted),
+        mu, slot, s, geo.ExtentSize(s.mapped_bytes(), wanted),
         geo.RoundUpToGranule(deficit));
     foreground_maps.fetch_sub(1, std::memory_order_relaxed);
-    if (!status.ok()) {
-      // Surplus adopted on the way goes back to being surplus (reclamation
-      // only ever takes extents past the backing ones, so they are there).
-      if (!gone()) {
-        s.UnadoptTo(backing_before);
-        BooksChangedLocked(slot);
-      }
-      return status;
-    }
+    if (!status.ok()) return status;
+    stats.adopted_extents += surplus_extents;
     ++stats.extents_mapped;
     if (mapped_here != nullptr) *mapped_here = true;
   }

@@ -141,22 +141,15 @@ class alignas(64) Slot {
     ++backing_extents_;
     return true;
   }
-  // Undoes adoptions back to `extents` backing ones (a failed grow).
-  void UnadoptTo(int extents) {
-    while (backing_extents_ > extents) {
-      --backing_extents_;
-      backing_bytes_.Set(backing_bytes() -
-                         extents_[static_cast<std::size_t>(backing_extents_)].bytes);
-    }
-  }
-  // Appends a newly mapped extent to a slot without surplus; the release
-  // store of backing_bytes publishes it to Step's fast path.
+  // Appends a newly mapped extent after every extent the slot holds; the
+  // backing extents are a prefix, so any surplus before it backs the slot
+  // too from now on. The release store of backing_bytes publishes the lot
+  // to Step's fast path.
   void Append(Extent extent) {
     mapped_bytes_ += extent.bytes;
-    const std::int64_t bytes = extent.bytes;
     extents_.push_back(std::move(extent));
-    ++backing_extents_;
-    backing_bytes_.Set(backing_bytes() + bytes);
+    backing_extents_ = static_cast<int>(extents_.size());
+    backing_bytes_.Set(mapped_bytes_);
   }
   // Takes the last extent off the books (an idle slot's, or an active
   // slot's surplus); *was_backing says whether it backed the slot, for
