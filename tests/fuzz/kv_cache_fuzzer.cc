@@ -284,6 +284,9 @@ class Harness {
   bool faults_seen_ = false;      // Some fault was injected since Create.
   bool sticky_possible_ = false;  // A background fault may poison the cache.
   std::int64_t faults_before_plan_ = 0;
+  // TotalFaults() at the last WaitForBackgroundIdle, which reports the
+  // thread's last failure since the previous one, under any plan.
+  std::int64_t faults_at_last_wait_ = 0;
   vattn::BackendCounters base_;  // The backend before this cache.
   std::int64_t default_budget_ = 0;  // Stats().budget_bytes with option 0.
   std::vector<std::string> log_;
@@ -513,6 +516,7 @@ bool Harness::CreateCache() {
   slots_.assign(static_cast<std::size_t>(cfg_.opts.max_slots), ModelSlot{});
   faults_seen_ = Injected() > 0;
   faults_before_plan_ = 0;
+  faults_at_last_wait_ = 0;
   sticky_possible_ = false;
   NoteFaultSeen();
   CheckInvariants();
@@ -1077,7 +1081,13 @@ void Harness::OpWaitIdle() {
   const absl::Status status = cache_->WaitForBackgroundIdle();
   Log(absl::StrFormat("WaitForBackgroundIdle -> %s", status.ToString()));
   NoteFaultSeen();
-  if (!status.ok() && !FaultMayExplain(injected_before)) {
+  // The thread's failure may date from an earlier plan (SetPlan restarts
+  // Injected()): any fault since the previous wait explains it.
+  const bool fault_since_last_wait =
+      Worker() && TotalFaults() > faults_at_last_wait_;
+  faults_at_last_wait_ = TotalFaults();
+  if (!status.ok() && !fault_since_last_wait &&
+      !FaultMayExplain(injected_before)) {
     Fail("WaitForBackgroundIdle returned " + status.ToString());
   }
 }
