@@ -5,10 +5,12 @@
 
 #include "python/src/bindings.h"
 #include "python/src/errors.h"
+#include "python/src/step_batch.h"
 
 NB_MODULE(_vattn, m) {
   m.doc() = "vattn's C++ API (KV cache in contiguous virtual memory), bound with nanobind.";
   vattn::python::RegisterErrors(m);
   vattn::python::BindBackends(m);
+  vattn::python::BindStepBatch(m);
   vattn::python::BindCache(m);
 }
