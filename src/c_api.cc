@@ -7,6 +7,8 @@
 // vattn_last_error().
 #include "vattn/c_api.h"
 
+#include "src/c_api_internal.h"
+
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -27,17 +29,14 @@
 #include "vattn/options.h"
 #include "vattn/stats.h"
 
-// The handles. Global, unnamespaced: they complete the C header's opaque
-// struct declarations.
-struct vattn_backend {
-  std::shared_ptr<vattn::Backend> backend;
-};
-struct vattn_cache {
-  std::unique_ptr<vattn::KVCache> cache;
-};
-
 namespace vattn {
 namespace {
+
+using c_api_internal::CheckStructSize;
+using c_api_internal::Fail;
+using c_api_internal::Guard;
+using c_api_internal::NullArgument;
+using c_api_internal::Report;
 
 // The C codes are absl's.
 #define VATTN_C_SAME_CODE_(c, absl_code)                                  \
@@ -74,69 +73,6 @@ static_assert(static_cast<int>(Layout::kTokenMajor) ==
                   static_cast<int>(Layout::kLayerMajor) ==
                       VATTN_LAYOUT_LAYER_MAJOR,
               "vattn_layout differs from vattn::Layout");
-
-// The message of the last failed call on this thread: the text in
-// last_error, or a fixed one when even formatting the message ran out of
-// memory. Null until a call fails.
-thread_local std::string last_error;
-thread_local const char* last_error_text = nullptr;
-
-// Stores "CODE: function: message" for vattn_last_error() and returns the
-// code. Never throws: if the text cannot be allocated, a fixed one is kept.
-int Fail(const char* function, absl::StatusCode code, absl::string_view message,
-         absl::string_view message_tail = {}) noexcept {
-  try {
-    last_error = absl::StatusCodeToString(code);
-    absl::StrAppend(&last_error, ": ", function, ": ", message, message_tail);
-    last_error_text = last_error.c_str();
-  } catch (...) {
-    // The code is returned all the same; only its text is lost.
-    last_error_text =
-        "out of host memory while formatting this failure's message";
-  }
-  return static_cast<int>(code);
-}
-
-int Fail(const char* function, const absl::Status& status) noexcept {
-  return Fail(function, status.code(), status.message());
-}
-
-int Report(const char* function, const absl::Status& status) noexcept {
-  return status.ok() ? static_cast<int>(VATTN_OK) : Fail(function, status);
-}
-
-int NullArgument(const char* function, const char* argument) noexcept {
-  return Fail(function, absl::StatusCode::kInvalidArgument, argument,
-              " is NULL");
-}
-
-// Runs `body` (which returns a C status), turning exceptions into statuses.
-// The library throws none itself; allocations in this layer and in Abseil
-// may throw std::bad_alloc.
-template <typename Body>
-int Guard(const char* function, Body&& body) noexcept {
-  try {
-    return std::forward<Body>(body)();
-  } catch (const std::bad_alloc&) {
-    return Fail(function, absl::StatusCode::kResourceExhausted,
-                "out of host memory (std::bad_alloc)");
-  } catch (const std::exception& e) {
-    return Fail(function, absl::StatusCode::kInternal,
-                "unexpected C++ exception: ", e.what());
-  } catch (...) {
-    return Fail(function, absl::StatusCode::kInternal,
-                "unexpected C++ exception of unknown type");
-  }
-}
-
-absl::Status CheckStructSize(const char* what, std::size_t got,
-                             std::size_t expected) {
-  if (got == expected) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(
-      what, "->struct_size is ", got, " but this vattn expects ", expected,
-      " (set it to sizeof the struct; the caller was built against another "
-      "version of vattn/c_api.h)"));
-}
 
 KVCacheOptions FromC(const vattn_cache_options& c) {
   KVCacheOptions o;
@@ -253,7 +189,7 @@ int View(const char* function, const vattn_cache* cache, int layer, bool k,
 extern "C" {
 
 const char* vattn_last_error(void) {
-  const char* text = vattn::last_error_text;
+  const char* text = vattn::c_api_internal::last_error_text;
   return text != nullptr ? text : "";
 }
 

@@ -26,6 +26,38 @@ struct PyBackend {
   std::shared_ptr<Backend> backend;
 };
 
+// True while the interpreter shuts down (the GIL must then not be released).
+inline bool Finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+// What Python holds: a reference to the KVCache that views share. close()
+// drops it; the memory goes when the last view is gone too.
+struct PyCache {
+  std::shared_ptr<KVCache> cache;
+
+  KVCache& Get() const {
+    if (cache == nullptr) {
+      Raise(absl::StatusCode::kFailedPrecondition, "the cache is closed");
+    }
+    return *cache;
+  }
+  // Drops this reference, without the GIL: the last reference waits for
+  // fenced GPU work and joins the map-ahead thread.
+  void Close() {
+    std::shared_ptr<KVCache> dying = std::move(cache);
+    if (dying != nullptr && !Finalizing()) {
+      nanobind::gil_scoped_release release;
+      dying.reset();
+    }
+  }
+  ~PyCache() { Close(); }
+};
+
 // A value or the exception for its status (GIL held).
 template <typename T>
 T ValueOrRaise(absl::StatusOr<T> value) {

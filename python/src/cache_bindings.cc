@@ -95,38 +95,6 @@ nb::dlpack::dtype DLPackDType(DType dtype) {
 
 // ---- The cache object ------------------------------------------------------
 
-// True while the interpreter shuts down (the GIL must then not be released).
-bool Finalizing() {
-#if PY_VERSION_HEX >= 0x030D0000
-  return Py_IsFinalizing() != 0;
-#else
-  return _Py_IsFinalizing() != 0;
-#endif
-}
-
-// What Python holds: a reference to the KVCache that views share. close()
-// drops it; the memory goes when the last view is gone too.
-struct PyCache {
-  std::shared_ptr<KVCache> cache;
-
-  KVCache& Get() const {
-    if (cache == nullptr) {
-      Raise(absl::StatusCode::kFailedPrecondition, "the cache is closed");
-    }
-    return *cache;
-  }
-  // Drops this reference, without the GIL: the last reference waits for
-  // fenced GPU work and joins the map-ahead thread.
-  void Close() {
-    std::shared_ptr<KVCache> dying = std::move(cache);
-    if (dying != nullptr && !Finalizing()) {
-      nb::gil_scoped_release release;
-      dying.reset();
-    }
-  }
-  ~PyCache() { Close(); }
-};
-
 void DeleteCacheRef(void* p) noexcept {
   auto* ref = static_cast<std::shared_ptr<KVCache>*>(p);
   if (!Finalizing() && ref->use_count() == 1) {
@@ -314,7 +282,7 @@ void BindCache(nb::module_& m) {
       .def("element_address", &TensorView::ElementAddress, nb::arg("slot"), nb::arg("token"),
            nb::arg("head"), nb::arg("dim"), "Address of element (slot, token, head, dim).");
 
-  nb::class_<PyCache>(
+  nb::class_<PyCache> cache_class = nb::class_<PyCache>(
       m, "Cache",
       "A KV cache in contiguous virtual memory (vattn::KVCache). Every "
       "method is thread-safe and releases the GIL while it may map, unmap, "
@@ -532,6 +500,8 @@ void BindCache(nb::module_& m) {
            "later calls raise FailedPreconditionError.")
       .def("__enter__", [](nb::handle self) { return nb::borrow(self); })
       .def("__exit__", [](PyCache& self, nb::args) { self.Close(); });
+  // Methods defined in the other translation units go here, one call each.
+  static_cast<void>(cache_class);
 }
 
 }  // namespace vattn::python
