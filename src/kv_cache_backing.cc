@@ -50,6 +50,7 @@ absl::Status KVCache::Impl::Init() {
   }
   VATTN_ASSIGN_OR_RETURN(base, backend->Reserve(geo.reserved_bytes()));
   pool = std::make_unique<PhysicalPool>(backend, budget);
+  VATTN_RETURN_IF_ERROR(AttachArbiter());  // May change `budget`.
   mapper = std::make_unique<ExtentMapper>(backend.get(), pool.get(), &geo,
                                           base, opts.zero_on_reuse, &state_cv,
                                           this);
@@ -84,6 +85,7 @@ absl::Status KVCache::Impl::Init() {
 }
 
 void KVCache::Impl::Shutdown() {
+  DetachArbiter();
   {
     MutexLock lock(&mu);
     shutting_down = true;
@@ -179,7 +181,8 @@ absl::StatusOr<std::vector<PhysicalHandle>> KVCache::Impl::AcquireHandles(
   }
   // Take idle memory back, one extent at a time, until the minimum fits.
   for (;;) {
-    VATTN_ASSIGN_OR_RETURN(std::int64_t reclaimed, ReclaimOne(order.minimum));
+    VATTN_ASSIGN_OR_RETURN(std::int64_t reclaimed,
+                           ReclaimForGrow(order.minimum));
     if (order.TakeAsIs(reclaimed)) {
       absl::StatusOr<std::vector<PhysicalHandle>> handles = pool->Acquire(
           static_cast<std::size_t>(reclaimed), n, /*quiet=*/true);

@@ -24,7 +24,12 @@
 // wait for no slot. Step's fast path takes no lock: it reads and writes only
 // the slots' LockFree<> fields and flags look-ahead work in the worker's due
 // set. Lock order: mu, then the PhysicalPool's lock (the pool never calls
-// back); the worker's wake lock is taken alone.
+// back), then a MemoryArbiter's lock (a leaf: the pool charges the shared
+// budget under its own lock); the worker's wake lock is taken alone. The
+// arbiter calls into the cache (ArbiterIdleInfo, GiveBackIdle) with no
+// arbiter lock held, and the cache asks the arbiter to reclaim from other
+// caches (ReclaimForGrow) only without mu and the pool's lock: no thread
+// waits for another cache's lock while holding this one's.
 #ifndef VATTN_SRC_KV_CACHE_IMPL_H_
 #define VATTN_SRC_KV_CACHE_IMPL_H_
 
@@ -43,6 +48,7 @@
 #include "src/extent_mapper.h"
 #include "src/internal/mutex.h"
 #include "src/map_ahead.h"
+#include "src/memory_arbiter.h"
 #include "src/physical_pool.h"
 #include "src/placement.h"
 #include "src/slot.h"
@@ -176,6 +182,34 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
   // victim is chosen by its last extent's size (Placement::ChooseVictim).
   absl::StatusOr<std::int64_t> ReclaimOne(std::int64_t need = 0)
       ABSL_LOCKS_EXCLUDED(mu);
+
+  // ---- Shared budget and run-time budget (kv_cache_budget.cc) -------------
+  // Registers with opts.arbiter, if any (Init, right after the pool is
+  // made): the pool charges the shared budget, its own budget becomes the
+  // cache's cap. InvalidArgument: another backend, a floor that does not
+  // fit, a cap below one extent of every tensor.
+  absl::Status AttachArbiter();
+  // First thing in Shutdown: no more arbiter calls into this cache (waits
+  // for those in flight). Call without mu.
+  void DetachArbiter() ABSL_LOCKS_EXCLUDED(mu);
+  // What AcquireHandles calls to make room for `need` bytes per region:
+  // without an arbiter, ReclaimOne(need); with one, memory is taken where
+  // the oldest idle memory is, across caches: ReclaimOne here, or another
+  // cache destroys some (then returns kFreedElsewhere: try again). 0 when
+  // nothing can be freed anywhere.
+  static constexpr std::int64_t kFreedElsewhere = 1;  // Never a size.
+  absl::StatusOr<std::int64_t> ReclaimForGrow(std::int64_t need)
+      ABSL_LOCKS_EXCLUDED(mu);
+  // The arbiter's calls (internal::ArbiterClient; the adaptor forwards).
+  class ArbiterClientAdaptor;
+  internal::ArbiterClient::Idle ArbiterIdleInfo() ABSL_LOCKS_EXCLUDED(mu);
+  absl::StatusOr<std::int64_t> GiveBackIdle(std::int64_t bytes,
+                                            std::int64_t keep_bytes)
+      ABSL_LOCKS_EXCLUDED(mu);
+  // Destroys idle memory until the cache holds at most `target` bytes
+  // (never below keep_bytes); *destroyed gets the bytes destroyed.
+  absl::Status TrimTo(std::int64_t target, std::int64_t keep_bytes,
+                      std::int64_t* destroyed) ABSL_LOCKS_EXCLUDED(mu);
   // Releases the slot's fences that have completed; true when none is left.
   bool PruneFencesLocked(Slot& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // Waits for (and releases) the slot's fences. The slot is busy; drops mu.
@@ -257,7 +291,12 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
   // The look-ahead left (tokens) below which Step wakes the thread.
   std::int64_t urgent_tokens = 1;
   DevicePtr base = 0;
+  // Written by Init, then only under mu (KVCache::SetBudget).
   std::int64_t budget = 0;
+  // With opts.arbiter: the cache's entry in the arbiter's books (shared
+  // with the pool) and the arbiter's view of the cache.
+  std::shared_ptr<internal::ArbiterMember> arbiter_member;
+  std::unique_ptr<internal::ArbiterClient> arbiter_client;
   std::unique_ptr<PhysicalPool> pool;
   std::unique_ptr<ExtentMapper> mapper;
   MapAheadWorker worker;

@@ -96,7 +96,9 @@ absl::Status KVCacheOptions::Validate() const {
                                             memory_budget_bytes},
         {"min_extent_bytes", min_extent_bytes},
         {"max_extent_bytes", max_extent_bytes},
-        {"prealloc_handle_bytes", prealloc_handle_bytes}}) {
+        {"prealloc_handle_bytes", prealloc_handle_bytes},
+        {"arbiter_floor_bytes", arbiter_floor_bytes},
+        {"arbiter_cap_bytes", arbiter_cap_bytes}}) {
     if (value > kMaxBytes) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "KVCacheOptions.%s (%d) is beyond any address space (at most 2^60)",
@@ -151,6 +153,31 @@ absl::Status KVCacheOptions::Validate() const {
         "KVCacheOptions.pool_low_water (%d) and pool_high_water (%d) need "
         "0 <= low <= high",
         pool_low_water, pool_high_water));
+  }
+  // The shared budget's per-cache options (vattn/memory_arbiter.h).
+  if (arbiter == nullptr) {
+    if (arbiter_floor_bytes != 0 || arbiter_cap_bytes != 0) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "KVCacheOptions.arbiter_%s_bytes (%d) needs an arbiter "
+          "(KVCacheOptions.arbiter is null; memory_budget_bytes is this "
+          "cache's own budget)",
+          arbiter_floor_bytes != 0 ? "floor" : "cap",
+          arbiter_floor_bytes != 0 ? arbiter_floor_bytes : arbiter_cap_bytes));
+    }
+  } else {
+    if (memory_budget_bytes != 0) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "KVCacheOptions.memory_budget_bytes (%d) must be 0 with an arbiter: "
+          "the arbiter's budget is shared, arbiter_cap_bytes limits this "
+          "cache",
+          memory_budget_bytes));
+    }
+    if (arbiter_cap_bytes != 0 && arbiter_floor_bytes > arbiter_cap_bytes) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "KVCacheOptions.arbiter_floor_bytes (%d) exceeds arbiter_cap_bytes "
+          "(%d)",
+          arbiter_floor_bytes, arbiter_cap_bytes));
+    }
   }
   return absl::OkStatus();
 }

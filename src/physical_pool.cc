@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_format.h"
+#include "src/memory_arbiter.h"
 
 namespace vattn {
 
@@ -80,20 +81,53 @@ PhysicalPool::PhysicalPool(std::shared_ptr<Backend> backend,
 PhysicalPool::PhysicalPool(std::shared_ptr<Backend> backend,
                            std::int64_t budget_bytes, const Options& options)
     : backend_(std::move(backend)),
-      budget_bytes_(budget_bytes),
       options_(options),
       classes_(static_cast<std::int64_t>(backend_->capabilities().granularity),
-               options.size_class_steps) {}
+               options.size_class_steps),
+      budget_bytes_(budget_bytes) {}
 
 PhysicalPool::~PhysicalPool() { (void)DestroyIdle(); }
 
 std::int64_t PhysicalPool::HeadroomLocked() const {
-  return budget_bytes_ - counters_.physical_bytes - pending_bytes_;
+  const std::int64_t own =
+      budget_bytes_ - counters_.physical_bytes - pending_bytes_;
+  if (member_ == nullptr) return own;
+  return std::min(own, member_->Room());
 }
 
 std::int64_t PhysicalPool::Headroom() const {
   MutexLock lock(&mu_);
   return HeadroomLocked();
+}
+
+std::int64_t PhysicalPool::OwnHeadroom() const {
+  MutexLock lock(&mu_);
+  return budget_bytes_ - counters_.physical_bytes - pending_bytes_;
+}
+
+std::int64_t PhysicalPool::budget_bytes() const {
+  MutexLock lock(&mu_);
+  return budget_bytes_;
+}
+
+void PhysicalPool::SetBudget(std::int64_t budget_bytes) {
+  MutexLock lock(&mu_);
+  budget_bytes_ = budget_bytes;
+}
+
+void PhysicalPool::SetArbiter(std::shared_ptr<internal::ArbiterMember> member) {
+  MutexLock lock(&mu_);
+  member_ = std::move(member);
+}
+
+void PhysicalPool::HoldRefill() {
+  MutexLock lock(&mu_);
+  refill_hold_ = counters_.physical_bytes + pending_bytes_;
+}
+
+bool PhysicalPool::refill_held() const {
+  MutexLock lock(&mu_);
+  return refill_hold_ != kNoRefillHold;
 }
 
 PhysicalPool::Counters PhysicalPool::counters() const {
@@ -112,7 +146,7 @@ int PhysicalPool::IdleCount(std::size_t bytes) const {
 }
 
 absl::StatusOr<std::int64_t> PhysicalPool::DestroyIdleLocked(
-    std::size_t keep, std::int64_t bytes) {
+    std::size_t keep, std::int64_t bytes, std::int64_t keep_bytes) {
   // Take the victims off the idle lists, largest first (the map's order):
   // the most bytes per driver call, and no scan per handle.
   struct Victim {
@@ -121,13 +155,16 @@ absl::StatusOr<std::int64_t> PhysicalPool::DestroyIdleLocked(
   };
   std::vector<Victim> victims;
   std::int64_t chosen = 0;
+  const std::int64_t held = counters_.physical_bytes + pending_bytes_;
   for (auto it = idle_.begin(); it != idle_.end() && (bytes < 0 || chosen < bytes);) {
     if (it->first == keep) {
       ++it;
       continue;
     }
     std::vector<PhysicalHandle>& list = it->second;
-    while (!list.empty() && (bytes < 0 || chosen < bytes)) {
+    const std::int64_t size = static_cast<std::int64_t>(it->first);
+    while (!list.empty() && (bytes < 0 || chosen < bytes) &&
+           held - chosen - size >= keep_bytes) {
       victims.push_back({it->first, list.back()});
       list.pop_back();
       chosen += static_cast<std::int64_t>(it->first);
@@ -160,6 +197,7 @@ absl::StatusOr<std::int64_t> PhysicalPool::DestroyIdleLocked(
     }
   }
   counters_.physical_bytes -= freed;
+  if (member_ != nullptr) member_->Refund(freed);
   if (!first_error.ok()) return first_error;
   return freed;
 }
@@ -167,6 +205,14 @@ absl::StatusOr<std::int64_t> PhysicalPool::DestroyIdleLocked(
 absl::Status PhysicalPool::CreateLocked(std::size_t bytes, int count,
                                        std::vector<PhysicalHandle>* created) {
   const std::int64_t need = static_cast<std::int64_t>(bytes) * count;
+  // The shared budget first: charged under mu_, so no two pools can both
+  // take the same room.
+  if (member_ != nullptr && !member_->TryCharge(need)) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "shared budget exhausted: the arbiter has room for %d more bytes for "
+        "this cache, %d needed",
+        member_->Room(), need));
+  }
   pending_bytes_ += need;  // Counted against the budget while unlocked.
   absl::Status status;
   mu_.Unlock();
@@ -185,6 +231,9 @@ absl::Status PhysicalPool::CreateLocked(std::size_t bytes, int count,
   counters_.create_calls += static_cast<std::int64_t>(created->size());
   counters_.peak_physical_bytes =
       std::max(counters_.peak_physical_bytes, counters_.physical_bytes);
+  if (member_ != nullptr) {
+    member_->Refund(need - static_cast<std::int64_t>(created->size() * bytes));
+  }
   return status;
 }
 
@@ -230,6 +279,15 @@ absl::StatusOr<std::vector<PhysicalHandle>> PhysicalPool::Acquire(
             absl::ResourceExhaustedError("physical budget exhausted"));
         return *kExhausted;
       }
+      if (member_ != nullptr &&
+          budget_bytes_ - counters_.physical_bytes - pending_bytes_ >= need) {
+        return absl::ResourceExhaustedError(absl::StrFormat(
+            "shared budget exhausted: %d more handle(s) of %d bytes need %d "
+            "bytes, but the arbiter's %d-byte budget has room for %d more "
+            "for this cache (%d bytes held here)",
+            missing, bytes, need, member_->budget(), member_->Room(),
+            counters_.physical_bytes + pending_bytes_));
+      }
       return absl::ResourceExhaustedError(absl::StrFormat(
           "physical budget exhausted: %d more handle(s) of %d bytes need %d "
           "bytes, but %d of the %d-byte budget are in use",
@@ -242,6 +300,9 @@ absl::StatusOr<std::vector<PhysicalHandle>> PhysicalPool::Acquire(
     out.insert(out.end(), created.begin(), created.end());
     if (status.ok()) {
       created_here = missing;
+      // Demand needed memory the pool did not hold: a trim's hold on the
+      // refill ends.
+      refill_hold_ = kNoRefillHold;
       break;
     }
 
@@ -287,7 +348,7 @@ absl::StatusOr<int> PhysicalPool::Fill(std::size_t bytes, int count) {
   MutexLock lock(&mu_);
   const int idle = IdleCountLocked(bytes);
   const std::int64_t affordable =
-      std::max<std::int64_t>(0, HeadroomLocked()) /
+      std::max<std::int64_t>(0, RefillRoomLocked()) /
       static_cast<std::int64_t>(bytes);
   const int missing = static_cast<int>(
       std::min<std::int64_t>(std::max(0, count - idle), affordable));
@@ -322,8 +383,11 @@ int PhysicalPool::RefillTargetLocked(std::size_t bytes, int max_count) const {
     if (d.period[i] > now - window) peak = std::max(peak, d.count[i]);
   }
   // Within the budget's pooled share, counting idle handles of other sizes.
+  const std::int64_t budget =
+      member_ == nullptr ? budget_bytes_
+                         : std::min(budget_bytes_, member_->budget());
   const std::int64_t cap = static_cast<std::int64_t>(
-      options_.max_pooled_fraction * static_cast<double>(budget_bytes_));
+      options_.max_pooled_fraction * static_cast<double>(budget));
   const std::int64_t size = static_cast<std::int64_t>(bytes);
   const std::int64_t other =
       counters_.idle_bytes - size * IdleCountLocked(bytes);
@@ -349,7 +413,7 @@ absl::StatusOr<int> PhysicalPool::Replenish(std::size_t bytes, int max_count,
   const int target = RefillTargetLocked(bytes, max_count);
   const int idle = IdleCountLocked(bytes);
   const std::int64_t affordable =
-      std::max<std::int64_t>(0, HeadroomLocked()) /
+      std::max<std::int64_t>(0, RefillRoomLocked()) /
       static_cast<std::int64_t>(bytes);
   const int missing = static_cast<int>(std::min<std::int64_t>(
       {std::max(0, target - idle), affordable,
@@ -368,6 +432,20 @@ absl::Status PhysicalPool::DestroyIdle() {
   // keep = 0 is no size: every idle handle goes.
   absl::StatusOr<std::int64_t> freed = DestroyIdleLocked(0, -1);
   return freed.status();
+}
+
+absl::StatusOr<std::int64_t> PhysicalPool::DestroyIdleBytes(
+    std::int64_t bytes, std::int64_t keep_bytes) {
+  if (bytes == 0) return 0;
+  MutexLock lock(&mu_);
+  return DestroyIdleLocked(0, bytes, keep_bytes);
+}
+
+std::int64_t PhysicalPool::RefillRoomLocked() const {
+  const std::int64_t room = HeadroomLocked();
+  if (refill_hold_ == kNoRefillHold) return room;
+  return std::min(room,
+                  refill_hold_ - counters_.physical_bytes - pending_bytes_);
 }
 
 }  // namespace vattn

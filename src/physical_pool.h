@@ -21,6 +21,10 @@
 
 namespace vattn {
 
+namespace internal {
+class ArbiterMember;  // src/memory_arbiter.h
+}  // namespace internal
+
 // The bounded set of handle sizes used for extents whose size varies with
 // the request (prompts): a size rounds up to the smallest class that holds
 // it, so an idle handle of one class serves every request that rounds to
@@ -61,6 +65,14 @@ class SizeClasses {
 // flight) never exceed the budget. Thread-safe; driver calls run without the
 // pool's lock, so one thread creating handles does not block another taking
 // an idle one. Never calls back into its users.
+//
+// With an arbiter (SetArbiter), the budget is shared with other caches' pools
+// as well: every creation is charged to the arbiter (ArbiterMember::TryCharge)
+// under the pool's lock before the driver call, and refunded after a Destroy
+// (or a failed Create), so the bytes of all the arbiter's pools together never
+// exceed its budget, creations in flight included. The pool's own budget is
+// then the cache's cap. Lock order: the cache's lock, the pool's lock, the
+// arbiter's lock (a leaf).
 class PhysicalPool {
  public:
   struct Counters {
@@ -141,11 +153,35 @@ class PhysicalPool {
   // Destroys every idle handle, in one batch. Returns the first error; the
   // handles whose destroy failed stay idle.
   absl::Status DestroyIdle();
+  // Destroys idle handles, largest first, until `bytes` are destroyed or
+  // none is left, skipping any whose destroy would take the physical bytes
+  // (live plus in flight) below `keep_bytes`; one batch. Returns the bytes
+  // destroyed, or the first error (the handles that failed stay idle).
+  absl::StatusOr<std::int64_t> DestroyIdleBytes(std::int64_t bytes,
+                                                std::int64_t keep_bytes);
+
+  // ---- Run-time budget and trim ---------------------------------------------
+  // Changes the pool's own budget (> 0). Shrinking destroys nothing: until
+  // the physical bytes fit, every creation is refused.
+  void SetBudget(std::int64_t budget_bytes);
+  // Shares a budget through the arbiter's books: from now on every creation
+  // is charged to `member` and every destroy refunded. Call once, before
+  // the pool holds any handle.
+  void SetArbiter(std::shared_ptr<internal::ArbiterMember> member);
+  // After a trim: Fill and Replenish (the background refill) create nothing
+  // that would take the physical bytes above what they are now, until
+  // Acquire creates a handle again (the cache needed memory it did not
+  // pool: demand is back, and so is the refill).
+  void HoldRefill();
+  bool refill_held() const;
 
   int IdleCount(std::size_t bytes) const;
-  // Bytes that can still be created under the budget.
+  // Bytes that can still be created under the budget (and, with an
+  // arbiter, under the shared budget).
   std::int64_t Headroom() const;
-  std::int64_t budget_bytes() const { return budget_bytes_; }
+  // The same under the pool's own budget only (the cache's cap).
+  std::int64_t OwnHeadroom() const;
+  std::int64_t budget_bytes() const;
   const SizeClasses& size_classes() const { return classes_; }
   Counters counters() const;
 
@@ -164,17 +200,26 @@ class PhysicalPool {
   // off the idle lists under mu_, destroyed with mu_ dropped, and those
   // whose destroy failed are put back. Returns the bytes freed, or the
   // first error. bytes < 0: every idle handle other than `keep`.
+  // keep_bytes: no handle is destroyed that would take the physical bytes
+  // (live plus in flight) below it.
   absl::StatusOr<std::int64_t> DestroyIdleLocked(std::size_t keep,
-                                                 std::int64_t bytes)
+                                                 std::int64_t bytes,
+                                                 std::int64_t keep_bytes = 0)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::int64_t HeadroomLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // HeadroomLocked, within a trim's hold (HoldRefill): what Fill and
+  // Replenish may create.
+  std::int64_t RefillRoomLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int IdleCountLocked(std::size_t bytes) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int RefillTargetLocked(std::size_t bytes, int max_count) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Creates up to `count` handles of `bytes`, dropping mu_ around the driver
   // calls (their bytes count against the budget meanwhile), appends them to
-  // *created and counts them as physical. The first failure stops it.
+  // *created and counts them as physical. The first failure stops it. With
+  // an arbiter the bytes are charged first (ResourceExhausted, nothing
+  // created, when the shared budget refuses) and what was not created is
+  // refunded.
   absl::Status CreateLocked(std::size_t bytes, int count,
                             std::vector<PhysicalHandle>* created)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -184,11 +229,16 @@ class PhysicalPool {
 
   // Constant after construction.
   const std::shared_ptr<Backend> backend_;
-  const std::int64_t budget_bytes_;
   const Options options_;
   const SizeClasses classes_;
 
   mutable internal::Mutex mu_;
+  std::int64_t budget_bytes_ ABSL_GUARDED_BY(mu_);
+  // Null without an arbiter; set once by SetArbiter before any handle.
+  std::shared_ptr<internal::ArbiterMember> member_ ABSL_GUARDED_BY(mu_);
+  // HoldRefill's ceiling for Fill and Replenish (kNoRefillHold: none).
+  static constexpr std::int64_t kNoRefillHold = INT64_MAX;
+  std::int64_t refill_hold_ ABSL_GUARDED_BY(mu_) = kNoRefillHold;
   // Idle handles by size, largest first (the order victims are taken in).
   // Sizes whose list is empty are erased.
   absl::btree_map<std::size_t, std::vector<PhysicalHandle>,

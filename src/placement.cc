@@ -2,6 +2,7 @@
 #include "src/placement.h"
 
 #include <algorithm>
+#include <atomic>
 #include <iterator>
 #include <limits>
 
@@ -16,6 +17,11 @@ std::int64_t ReuseWasteLimit(std::int64_t want, std::int64_t max_extent,
                              std::int64_t granule, bool memory_short) {
   if (!memory_short) return std::max(max_extent, want);
   return std::max(granule, std::min(max_extent, want / 4));
+}
+
+std::uint64_t Placement::NextIdleSeq() {
+  static std::atomic<std::uint64_t> seq{0};
+  return seq.fetch_add(1, std::memory_order_relaxed) + 1;
 }
 
 Placement::Placement(int max_slots)
@@ -89,7 +95,7 @@ void Placement::OnSlotIdle(int slot) {
   Unindex(slot);
   Entry& e = At(slot);
   e.active = false;
-  e.idle_seq = ++idle_seq_;
+  e.idle_seq = NextIdleSeq();
   Index(slot);
 }
 

@@ -126,6 +126,15 @@ class Placement {
   // Bytes per region held by idle slots, and active slots' surplus.
   std::int64_t idle_bytes() const { return idle_bytes_; }
   std::int64_t surplus_bytes() const { return surplus_total_; }
+  // The idle sequence of the least recently idled slot holding extents
+  // that is not busy (~0 when none). Sequences come from one process-wide
+  // counter (NextIdleSeq), so they order idle slots across caches: the
+  // memory arbiter's global LRU (src/memory_arbiter.h).
+  std::uint64_t OldestIdleSeq() const {
+    return lru_.empty() ? ~std::uint64_t{0} : lru_.begin()->first;
+  }
+  // The next idle sequence number (from 1; thread-safe).
+  static std::uint64_t NextIdleSeq();
 
  private:
   struct Entry {
@@ -151,7 +160,6 @@ class Placement {
   std::int64_t CoverWaste(const Entry& e, std::int64_t want) const;
 
   std::vector<Entry> slots_;
-  std::uint64_t idle_seq_ = 0;
   // (bytes held, slot) of idle, not busy slots.
   std::set<std::pair<std::int64_t, int>> placeable_;
   // (idle_seq, slot) of idle, not busy slots holding extents.

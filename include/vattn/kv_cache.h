@@ -26,6 +26,7 @@
 #include "absl/types/span.h"
 #include "vattn/backend.h"
 #include "vattn/export.h"
+#include "vattn/memory_arbiter.h"
 #include "vattn/options.h"
 #include "vattn/stats.h"
 
@@ -199,6 +200,41 @@ class VATTN_EXPORT KVCache {
   TensorView V(int layer) const;
 
   CacheStats Stats() const;
+
+  // ---- Elastic memory (vattn/memory_arbiter.h) -----------------------------
+  // Changes the cache's physical budget at run time (without an arbiter,
+  // memory_budget_bytes; with one, the cache's cap, arbiter_cap_bytes).
+  // Growth takes effect at once. Shrinking below what the cache holds first
+  // destroys its idle memory (pooled handles, then idle slots' extents,
+  // cached prefixes and surplus, least recently used first) until it fits;
+  // the new budget stands either way, and creations beyond it are refused
+  // (Grow returns ResourceExhausted) until memory is freed. Active memory
+  // is never taken. OK when the cache fits the new budget;
+  // ResourceExhausted with the bytes held, active and asked for when
+  // active memory keeps it above. InvalidArgument (nothing changes): bytes
+  // below one granule per tensor, above 2^60, or (with an arbiter) below
+  // arbiter_floor_bytes. A backend error while destroying is returned as
+  // is (the new budget stands). Thread-safe; takes the cache's lock (not
+  // for Step's hot path) and never another cache's.
+  absl::Status SetBudget(std::size_t bytes);
+  // Returns idle memory to the driver until the cache holds at most
+  // `target_bytes` (physical: mapped, pooled and quarantined): pooled
+  // handles, then idle slots' extents (cached prefixes and active slots'
+  // surplus included), least recently used first, are destroyed, not
+  // pooled. Returns the bytes destroyed. Exact when the idle memory comes
+  // in pieces that add up to the gap (say, one-granule extents); otherwise
+  // it may land below the target by less than one extent. When active
+  // memory exceeds the target it stops once nothing idle is left and
+  // returns OK with what it destroyed (compare Stats().physical_bytes with
+  // the target). The floor does not apply (the cache trims itself). The
+  // budget is unchanged; afterwards the background pool refill creates
+  // nothing beyond what Trim left until the cache needs a new handle again
+  // (a Grow, a Step miss or a look-ahead map that found no pooled handle),
+  // so trimmed memory is not re-created behind the caller's back. Backend
+  // errors of Destroy or Unmap are returned (what was destroyed stays
+  // destroyed; a handle that failed stays pooled, an extent stays mapped
+  // or quarantined). Thread-safe, as SetBudget.
+  absl::StatusOr<std::size_t> Trim(std::size_t target_bytes);
   // InvalidArgument: bad slot.
   absl::StatusOr<SlotInfo> GetSlot(int slot) const;
   // The virtual ranges that hold tokens [0, tokens) of an active slot, for a

@@ -7,11 +7,15 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <string>
 
 #include "absl/status/status.h"
 #include "vattn/export.h"
 
 namespace vattn {
+
+class MemoryArbiter;  // vattn/memory_arbiter.h
 
 // Element type of the K and V tensors.
 enum class DType : int {
@@ -109,13 +113,36 @@ struct KVCacheOptions {
   int pool_low_water = 0;
   int pool_high_water = 0;
 
+  // ---- Shared budget (vattn/memory_arbiter.h) ------------------------------
+  // The arbiter whose budget this cache draws its physical memory from,
+  // shared with other caches on the same backend; null: the cache has its
+  // own budget (memory_budget_bytes), as without an arbiter. With one,
+  // memory_budget_bytes must be 0 (the cache's own limit is
+  // arbiter_cap_bytes), and KVCache::Create refuses a cache on another
+  // backend than the arbiter's, or whose floor does not fit beside the
+  // other caches' floors.
+  std::shared_ptr<MemoryArbiter> arbiter;
+  // Bytes (all tensors) other caches can never reclaim from this one, and
+  // that it can always obtain: the arbiter keeps this much of its budget
+  // for the cache while it holds less. The sum of all attached caches'
+  // floors must fit the arbiter's budget. 0: no guarantee.
+  std::size_t arbiter_floor_bytes = 0;
+  // The most physical bytes this cache may hold (0: only the arbiter's
+  // budget limits it); at least one granule per tensor and at least the
+  // floor. KVCache::SetBudget changes it at run time.
+  std::size_t arbiter_cap_bytes = 0;
+  // The cache's name in MemoryArbiter::Stats (empty: "cache-<id>").
+  std::string arbiter_name;
+
   // InvalidArgument naming the first bad field: a non-positive shape field
   // or max_extent_tokens, an enum value outside its type, a byte size above
   // 2^60, products above 2^60 bytes (the whole cache; max_extent_tokens x
   // bytes per token; prealloc_handles x prealloc_handle_bytes),
   // map_ahead_tokens outside [0, 2^60], min_extent_bytes above
   // max_extent_bytes, negative counts, or pool_low_water above
-  // pool_high_water.
+  // pool_high_water; with an arbiter, memory_budget_bytes not 0 or
+  // arbiter_floor_bytes above a non-zero arbiter_cap_bytes; without one,
+  // a non-zero arbiter_floor_bytes or arbiter_cap_bytes.
   absl::Status Validate() const;
 };
 

@@ -17,6 +17,7 @@
 //   vattn/options.h  KVCacheOptions, DType, Layout
 //   vattn/stats.h    CacheStats
 //   vattn/kv_cache.h KVCache, TensorView, StepRequest
+//   vattn/memory_arbiter.h  MemoryArbiter: one budget shared by caches
 //   vattn/c_api.h    the C API over all of the above (C callers include it
 //                    alone)
 #ifndef VATTN_VATTN_H_
@@ -29,6 +30,7 @@
 #include "vattn/fault_injection.h"
 #include "vattn/kv_cache.h"
 #include "vattn/latency_model.h"
+#include "vattn/memory_arbiter.h"
 #include "vattn/options.h"
 #include "vattn/stats.h"
 #include "vattn/status.h"
