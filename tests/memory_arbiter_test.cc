@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -694,27 +695,30 @@ TEST(MemoryArbiterTest, CachesOnDifferentThreadsShareTheBudget) {
     threads.emplace_back([&, i] {
       std::mt19937 rng(100 + i);
       Traffic t{owned[i].get(), "", 0, 0, {}};
-      for (int n = 0; n < 300; ++n) {
+      // At least 300 operations, and on until the budget thread is done.
+      for (int n = 0; n < 300 || !stop.load(); ++n) {
         RandomOp(t, rng);
         if (::testing::Test::HasFailure()) failures.fetch_add(1);
       }
       for (auto& [slot, backed] : t.active) (void)t.cache->Free(slot, kNoFence);
     });
   }
+  std::atomic<std::int64_t> trimmed{0};
   threads.emplace_back([&] {
-    int n = 0;
-    while (!stop.load()) {
+    for (int n = 0; n < 96; ++n) {
       (void)rig.arbiter->Stats();
-      if (n % 8 == 3) (void)rig.arbiter->Trim(8 * kGranule);
+      if (n % 8 == 3) {
+        absl::StatusOr<std::size_t> t = rig.arbiter->Trim(8 * kGranule);
+        if (t.ok()) trimmed.fetch_add(static_cast<std::int64_t>(*t));
+      }
       if (n % 16 == 5) (void)rig.arbiter->SetBudget(low);
       if (n % 16 == 13) (void)rig.arbiter->SetBudget(high);
-      ++n;
-      std::this_thread::yield();
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
+    stop.store(true);
   });
-  for (int i = 0; i < 3; ++i) threads[i].join();
-  stop.store(true);
-  threads.back().join();
+  for (std::thread& t : threads) t.join();
+  EXPECT_GT(trimmed.load(), 0);
   EXPECT_EQ(failures.load(), 0);
   EXPECT_EQ(rig.tracking->violations(), 0) << rig.tracking->first_violation();
   const ArbiterStats s = rig.arbiter->Stats();
