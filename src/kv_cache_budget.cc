@@ -114,6 +114,15 @@ internal::ArbiterClient::Idle KVCache::Impl::ArbiterIdleInfo() {
   const PhysicalPool::Counters held = pool->counters();
   ArbiterClient::Idle idle;
   idle.pooled_bytes = held.idle_bytes;
+  // Memory neither pooled nor in a slot's books (nor quarantined): cached
+  // prefixes' extents and tails (and exported extents). The cache's
+  // reclamation evicts the prefixes no request uses once no idle slot
+  // holds memory; if none can go, GiveBack finds nothing and the arbiter
+  // moves on. Not counted as reclaimable: some of it may be in use.
+  const std::int64_t outside =
+      std::max<std::int64_t>(0, held.physical_bytes - held.idle_bytes -
+                                    (totals.mapped + totals.quarantined_bytes) *
+                                        regions);
   idle.reclaimable_bytes =
       (placement.idle_bytes() + placement.surplus_bytes()) * regions +
       held.idle_bytes;
@@ -121,6 +130,7 @@ internal::ArbiterClient::Idle KVCache::Impl::ArbiterIdleInfo() {
   idle.oldest_extent_seq =
       oldest != ArbiterClient::kNoIdleSeq ? oldest
       : placement.surplus_bytes() > 0    ? ArbiterClient::kSurplusSeq
+      : outside > 0                      ? ArbiterClient::kOutsideSeq
                                          : ArbiterClient::kNoIdleSeq;
   idle.oldest_seq = held.idle_bytes > 0 ? 0 : idle.oldest_extent_seq;
   return idle;

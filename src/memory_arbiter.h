@@ -62,7 +62,9 @@ class ArbiterClient {
   struct Idle {
     // Idle sequence of the cache's least recently used idle memory: 0 when
     // it has pooled handles, else its oldest idle slot holding extents,
-    // else kSurplusSeq for active slots' surplus; kNoIdleSeq when nothing
+    // else kSurplusSeq for active slots' surplus, else kOutsideSeq for
+    // memory held outside the slots (cached prefixes: the cache's
+    // reclamation evicts those nobody uses last); kNoIdleSeq when nothing
     // is reclaimable.
     std::uint64_t oldest_seq = 0;
     // The same without pooled handles (what the cache's own reclamation
@@ -71,7 +73,8 @@ class ArbiterClient {
     std::int64_t reclaimable_bytes = 0;  // All tensors.
     std::int64_t pooled_bytes = 0;
   };
-  static constexpr std::uint64_t kSurplusSeq = ~std::uint64_t{0} - 1;
+  static constexpr std::uint64_t kSurplusSeq = ~std::uint64_t{0} - 2;
+  static constexpr std::uint64_t kOutsideSeq = ~std::uint64_t{0} - 1;
   static constexpr std::uint64_t kNoIdleSeq = ~std::uint64_t{0};
   virtual Idle IdleInfo() = 0;
   // Destroys one unit of idle memory, up to `bytes`: pooled handles first

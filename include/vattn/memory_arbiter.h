@@ -57,11 +57,14 @@ struct ArbiterCacheStats {
   // pooled, quarantined) plus creations in flight.
   std::int64_t physical_bytes = 0;
   // Of those, what reclamation may take: pooled handles, idle slots'
-  // extents (cached prefixes included) and active slots' surplus.
+  // extents and active slots' surplus. Memory held outside the slots
+  // (cached prefixes' extents, which reclamation evicts last when no
+  // request uses them) is not counted here.
   std::int64_t reclaimable_bytes = 0;
   std::int64_t pooled_bytes = 0;  // Of reclaimable_bytes, pooled handles.
-  // physical_bytes - reclaimable_bytes: memory backing active requests
-  // (and quarantined extents), never taken.
+  // physical_bytes - reclaimable_bytes: memory backing active requests,
+  // quarantined extents and cached prefixes; never taken, but for
+  // prefixes nobody uses.
   std::int64_t active_bytes = 0;
   std::int64_t floor_bytes = 0;  // KVCacheOptions::arbiter_floor_bytes.
   // The cache's ceiling: arbiter_cap_bytes or its last KVCache::SetBudget;
