@@ -109,8 +109,13 @@ absl::StatusOr<int> KVCache::Impl::AllocSlotLocked(std::int64_t expected_tokens,
   // request's life (ReuseWasteLimit says how much is accepted). Memory is
   // short when the hint cannot be backed without taking memory back.
   const PhysicalPool::Counters held = pool->counters();
+  // With an arbiter, the room left is the shared budget's (other caches
+  // hold the rest of it).
+  const std::int64_t room = arbiter_member != nullptr
+                                ? pool->Headroom()
+                                : budget - held.physical_bytes;
   const bool memory_short =
-      budget - held.physical_bytes + held.idle_bytes < want * geo.num_regions();
+      room + held.idle_bytes < want * geo.num_regions();
   const std::int64_t waste_limit = ReuseWasteLimit(
       want, geo.max_extent(), geo.granularity(), memory_short);
   int best = -1;
