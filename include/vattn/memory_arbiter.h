@@ -20,9 +20,13 @@
 //   arbiter->SetBudget(6ull << 30);
 //
 // Per-cache options (KVCacheOptions): `arbiter_floor_bytes`, memory the
-// other caches can never take below (and that the cache can always obtain),
-// and `arbiter_cap_bytes`, a ceiling the cache never exceeds
-// (KVCache::SetBudget changes it at run time).
+// other caches can never take below (and that the cache can always obtain:
+// the arbiter hands no one else the part of its budget under a cache's
+// unused floor; a cache attached while others' active memory already fills
+// that part obtains it as they free it, their idle memory at once), and
+// `arbiter_cap_bytes`, a ceiling the cache never exceeds (KVCache::SetBudget
+// changes it at run time). An attached cache's CacheStats::budget_bytes is
+// its cap, or without one the arbiter's budget when it was attached.
 //
 // Locking (see src/memory_arbiter.h): the arbiter's own lock is a leaf,
 // taken last (after a cache's lock and its pool's lock) and never held
