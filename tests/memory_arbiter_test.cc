@@ -18,6 +18,7 @@
 
 #include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
+#include "src/physical_pool.h"
 #include "tests/support/test_support.h"
 #include "vattn/vattn.h"
 
@@ -155,6 +156,64 @@ const ArbiterCacheStats& Of(const ArbiterStats& s, const std::string& name) {
   static const ArbiterCacheStats none;
   ADD_FAILURE() << "no cache named " << name;
   return none;
+}
+
+// ---- The pool's run-time budget, trim hold and floor-respecting destroy ----
+
+TEST(PhysicalPoolBudgetTest, SetBudgetRefusesCreationsUntilTheBytesFit) {
+  auto host = *MakeHostBackend();
+  PhysicalPool pool(host, 8 * kGranule);
+  VATTN_ASSERT_OK_AND_ASSIGN(std::vector<PhysicalHandle> out,
+                             pool.Acquire(kGranule, 4));
+  pool.SetBudget(3 * kGranule);
+  EXPECT_EQ(pool.budget_bytes(), 3 * kGranule);
+  EXPECT_EQ(pool.Acquire(kGranule, 1).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  pool.Release(out, kGranule);
+  // Idle handles of the size asked for are still handed out (no create).
+  VATTN_ASSERT_OK_AND_ASSIGN(std::vector<PhysicalHandle> again,
+                             pool.Acquire(kGranule, 2));
+  pool.Release(again, kGranule);
+  VATTN_ASSERT_OK(pool.DestroyIdle());
+}
+
+TEST(PhysicalPoolBudgetTest, DestroyIdleBytesNeverGoesBelowKeep) {
+  auto host = *MakeHostBackend();
+  PhysicalPool pool(host, 16 * kGranule);
+  VATTN_ASSERT_OK_AND_ASSIGN(std::vector<PhysicalHandle> big,
+                             pool.Acquire(2 * kGranule, 2));
+  VATTN_ASSERT_OK_AND_ASSIGN(std::vector<PhysicalHandle> small,
+                             pool.Acquire(kGranule, 2));
+  pool.Release(big, 2 * kGranule);
+  pool.Release(small, kGranule);  // 6 granules, all idle.
+  // Keep 3: a big one (6 -> 4) fits, the second would not; a small one does.
+  VATTN_ASSERT_OK_AND_ASSIGN(std::int64_t freed,
+                             pool.DestroyIdleBytes(6 * kGranule, 3 * kGranule));
+  EXPECT_EQ(freed, 3 * kGranule);
+  EXPECT_EQ(pool.counters().physical_bytes, 3 * kGranule);
+  EXPECT_EQ(host->counters().physical_bytes, 3 * kGranule);
+  VATTN_ASSERT_OK(pool.DestroyIdle());
+}
+
+TEST(PhysicalPoolBudgetTest, ATrimHoldsTheRefillUntilDemandCreatesAgain) {
+  auto host = *MakeHostBackend();
+  PhysicalPool pool(host, 16 * kGranule);
+  VATTN_ASSERT_OK_AND_ASSIGN(int made, pool.Fill(kGranule, 4));
+  EXPECT_EQ(made, 4);
+  VATTN_ASSERT_OK(pool.DestroyIdleBytes(2 * kGranule, 0).status());
+  pool.HoldRefill();
+  EXPECT_TRUE(pool.refill_held());
+  VATTN_ASSERT_OK_AND_ASSIGN(made, pool.Fill(kGranule, 4));
+  EXPECT_EQ(made, 0);
+  EXPECT_EQ(pool.counters().physical_bytes, 2 * kGranule);
+  // Demand: handles beyond what is pooled are created; the hold ends.
+  VATTN_ASSERT_OK_AND_ASSIGN(std::vector<PhysicalHandle> out,
+                             pool.Acquire(kGranule, 3));
+  EXPECT_FALSE(pool.refill_held());
+  pool.Release(out, kGranule);
+  VATTN_ASSERT_OK_AND_ASSIGN(made, pool.Fill(kGranule, 5));
+  EXPECT_EQ(made, 2);
+  VATTN_ASSERT_OK(pool.DestroyIdle());
 }
 
 // ---- Options and attaching --------------------------------------------------
