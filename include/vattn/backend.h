@@ -108,6 +108,9 @@ struct BackendCapabilities {
   std::size_t default_budget_bytes = 0;
   bool host_accessible = false;  // Addresses may be dereferenced on the CPU.
   bool has_streams = false;      // Fences wait for real asynchronous work.
+  // ExportHandle works: handles can be handed to another process as a file
+  // descriptor (HostBackendOptions / CudaBackendOptions::exportable_handles).
+  bool exportable = false;
 };
 
 // Live objects and call counts of one backend. Live figures count what exists
@@ -117,6 +120,9 @@ struct BackendCounters {
   std::int64_t reserved_bytes = 0;
   std::int64_t handles = 0;
   std::int64_t physical_bytes = 0;
+  // Live handles ImportHandle made: counted in `handles`, not in
+  // physical_bytes (another process created the memory).
+  std::int64_t imported_bytes = 0;
   std::int64_t mappings = 0;
   std::int64_t mapped_bytes = 0;
   std::int64_t fences = 0;
@@ -164,6 +170,27 @@ class VATTN_EXPORT Backend {
   // Size of a live handle; InvalidArgument for an unknown one.
   absl::StatusOr<std::size_t> HandleSize(PhysicalHandle handle) const;
 
+  // ---- Handing handles to another process (capabilities().exportable).
+  // A new file descriptor for `handle` (close-on-exec), owned by the caller,
+  // which passes it to another process (SCM_RIGHTS) and closes it. The
+  // memory lives while any process holds a descriptor, handle or mapping of
+  // it (the kernel's file references on Host, the driver's on CUDA), so
+  // Destroy here does not take it from a peer that imported it.
+  // Unimplemented: the backend was not made with exportable handles.
+  // InvalidArgument: unknown handle. FailedPrecondition: the handle is
+  // being destroyed. ResourceExhausted: out of file descriptors.
+  absl::StatusOr<int> ExportHandle(PhysicalHandle handle);
+  // A new handle of `bytes` over another process's exported memory `fd`
+  // (the caller keeps and closes fd; the backend keeps its own reference).
+  // It maps like any handle; Destroy drops this process's reference. It
+  // counts in counters().handles and imported_bytes, not physical_bytes.
+  // InvalidArgument: bytes zero or unaligned, fd not open, not an export of
+  // this kind of backend (Host: not a "memfd:vattn-export"; CUDA: not a
+  // cuMemExportToShareableHandle descriptor of this device), or of another
+  // size than `bytes`. Unimplemented: the backend cannot import.
+  // ResourceExhausted: out of file descriptors or memory.
+  absl::StatusOr<PhysicalHandle> ImportHandle(int fd, std::size_t bytes);
+
   // Maps the whole handle at va, read-write. InvalidArgument: unknown handle,
   // va unaligned or the range not inside one reservation.
   // FailedPrecondition: the range overlaps a live mapping.
@@ -210,6 +237,12 @@ class VATTN_EXPORT Backend {
                                  std::size_t bytes) = 0;
   virtual absl::Status DoMap(DevicePtr va, PhysicalHandle handle,
                              std::size_t bytes) = 0;
+  // Export hooks; the defaults return Unimplemented. DoImportHandle must
+  // return a handle no live handle of this backend uses.
+  virtual absl::StatusOr<int> DoExportHandle(PhysicalHandle handle,
+                                             std::size_t bytes);
+  virtual absl::StatusOr<PhysicalHandle> DoImportHandle(int fd,
+                                                        std::size_t bytes);
   virtual absl::Status DoUnmap(DevicePtr va, std::size_t bytes) = 0;
   virtual absl::Status DoZero(DevicePtr va, std::size_t bytes) = 0;
   virtual absl::Status DoCopyToDevice(DevicePtr dst, const void* src,
@@ -241,9 +274,11 @@ class VATTN_EXPORT Backend {
 // Host backend: real CPU memory with the GPU path's semantics. Reservations
 // are mmap(PROT_NONE) ranges; physical handles are ranges of one memfd (so
 // one file descriptor serves any number of handles, and Destroy punches the
-// range out of the file to return the memory); Map is
-// mmap(MAP_FIXED | MAP_SHARED) of the handle's range; Unmap puts PROT_NONE
-// back. Pages are populated on first touch.
+// range out of the file to return the memory), or with exportable_handles
+// one memfd each; Map is mmap(MAP_FIXED | MAP_SHARED) of the handle's
+// range; Unmap puts PROT_NONE back. Pages are populated on first touch.
+// ImportHandle accepts another Host backend's ExportHandle descriptor
+// (whatever this backend's own options).
 struct HostBackendOptions {
   // Allocation granularity; a power of two and a multiple of the OS page
   // size. 2 MiB matches NVIDIA GPUs, so sizes and call counts carry over.
@@ -254,6 +289,13 @@ struct HostBackendOptions {
   // Largest single reservation accepted (the x86-64 user address space is
   // 128 TiB; half of it is a safe ceiling).
   std::size_t max_reservation_bytes = std::size_t{64} << 40;
+  // Each handle is its own memfd ("vattn-export"), so ExportHandle can hand
+  // one handle to another process and its memory lives while either side
+  // holds it (Destroy closes this side's descriptor instead of punching the
+  // shared file). Costs one file descriptor per live handle (extents are at
+  // least a granule: hundreds, within the usual 1024 RLIMIT_NOFILE, but
+  // raise it for many slots).
+  bool exportable_handles = false;
 };
 VATTN_EXPORT absl::StatusOr<std::shared_ptr<Backend>> MakeHostBackend(
     const HostBackendOptions& options = {});
@@ -276,6 +318,17 @@ VATTN_EXPORT absl::StatusOr<std::shared_ptr<Backend>> MakeHostBackend(
 //    FenceDone never blocks; Zero and the copies poll their completion.
 VATTN_EXPORT absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackend(
     int device = 0);
+struct CudaBackendOptions {
+  // Handles are created with CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR as
+  // their requested handle type, so ExportHandle can hand them to another
+  // process (cuMemExportToShareableHandle), and, where the device reports
+  // CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED, with
+  // gpuDirectRDMACapable (so a NIC can register them). Unavailable from
+  // MakeCudaBackend when the device does not support POSIX descriptors.
+  bool exportable_handles = false;
+};
+VATTN_EXPORT absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackend(
+    int device, const CudaBackendOptions& options);
 // Number of CUDA devices, or Unavailable (with the reason) when no driver can
 // be loaded. Never fails on a machine with a driver and zero devices.
 VATTN_EXPORT absl::StatusOr<int> CudaDeviceCount();

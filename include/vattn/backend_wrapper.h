@@ -43,6 +43,10 @@ class VATTN_EXPORT BackendWrapper : public Backend {
   absl::Status DoMap(DevicePtr va, PhysicalHandle handle,
                      std::size_t bytes) override;
   absl::Status DoUnmap(DevicePtr va, std::size_t bytes) override;
+  absl::StatusOr<int> DoExportHandle(PhysicalHandle handle,
+                                     std::size_t bytes) override;
+  absl::StatusOr<PhysicalHandle> DoImportHandle(int fd,
+                                                std::size_t bytes) override;
   absl::Status DoZero(DevicePtr va, std::size_t bytes) override;
   absl::Status DoCopyToDevice(DevicePtr dst, const void* src,
                               std::size_t bytes) override;

@@ -31,6 +31,8 @@ struct Backend::State {
     std::size_t bytes = 0;
     int mappings = 0;
     bool busy = false;
+    bool imported = false;  // ImportHandle made it (not physical_bytes).
+    int exports = 0;        // ExportHandle calls running on it.
   };
   struct Mapping {
     std::size_t bytes = 0;
@@ -277,6 +279,7 @@ absl::StatusOr<std::size_t> Backend::HandleSize(PhysicalHandle handle) const {
 
 absl::Status Backend::Destroy(PhysicalHandle handle) {
   std::size_t bytes = 0;
+  bool imported = false;
   {
     MutexLock lock(&state_->mu);
     auto it = state_->handles.find(handle);
@@ -285,14 +288,17 @@ absl::Status Backend::Destroy(PhysicalHandle handle) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "Destroy: unknown handle %d (backend %s)", handle, caps_.name));
     }
-    if (it->second.mappings > 0 || it->second.busy) {
+    if (it->second.mappings > 0 || it->second.busy ||
+        it->second.exports > 0) {
       ++state_->counters.failed_calls;
       return absl::FailedPreconditionError(absl::StrFormat(
-          "Destroy: handle %d is still mapped at %d address(es) (backend %s)",
+          "Destroy: handle %d is still mapped at %d address(es) or being "
+          "exported (backend %s)",
           handle, it->second.mappings, caps_.name));
     }
     it->second.busy = true;
     bytes = it->second.bytes;
+    imported = it->second.imported;
   }
   absl::Status s = DoDestroy(handle, bytes);
   MutexLock lock(&state_->mu);
@@ -303,9 +309,86 @@ absl::Status Backend::Destroy(PhysicalHandle handle) {
   }
   state_->handles.erase(handle);
   --state_->counters.handles;
-  state_->counters.physical_bytes -= static_cast<std::int64_t>(bytes);
+  (imported ? state_->counters.imported_bytes
+            : state_->counters.physical_bytes) -=
+      static_cast<std::int64_t>(bytes);
   ++state_->counters.calls[static_cast<int>(BackendOp::kDestroy)];
   return absl::OkStatus();
+}
+
+absl::StatusOr<int> Backend::ExportHandle(PhysicalHandle handle) {
+  std::size_t bytes = 0;
+  {
+    MutexLock lock(&state_->mu);
+    if (!caps_.exportable) {
+      ++state_->counters.failed_calls;
+      return absl::UnimplementedError(absl::StrFormat(
+          "ExportHandle: backend %s was not made with exportable handles "
+          "(HostBackendOptions / CudaBackendOptions::exportable_handles)",
+          caps_.name));
+    }
+    auto it = state_->handles.find(handle);
+    if (it == state_->handles.end()) {
+      ++state_->counters.failed_calls;
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "ExportHandle: unknown handle %d (backend %s)", handle, caps_.name));
+    }
+    if (it->second.busy) {
+      ++state_->counters.failed_calls;
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "ExportHandle: handle %d is being destroyed (backend %s)", handle,
+          caps_.name));
+    }
+    ++it->second.exports;  // Destroy waits out the hook (fails meanwhile).
+    bytes = it->second.bytes;
+  }
+  absl::StatusOr<int> fd = DoExportHandle(handle, bytes);
+  MutexLock lock(&state_->mu);
+  --state_->handles[handle].exports;
+  if (!fd.ok()) ++state_->counters.failed_calls;
+  return fd;
+}
+
+absl::StatusOr<PhysicalHandle> Backend::ImportHandle(int fd,
+                                                     std::size_t bytes) {
+  if (absl::Status s = CheckSize("ImportHandle", bytes); !s.ok()) {
+    CountFailure();
+    return s;
+  }
+  if (fd < 0) {
+    CountFailure();
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "ImportHandle: file descriptor %d is negative (backend %s)", fd,
+        caps_.name));
+  }
+  absl::StatusOr<PhysicalHandle> handle = DoImportHandle(fd, bytes);
+  bool duplicate = false;
+  {
+    MutexLock lock(&state_->mu);
+    if (!handle.ok()) {
+      ++state_->counters.failed_calls;
+      return handle.status();
+    }
+    duplicate = state_->handles.contains(*handle);
+    if (!duplicate) {
+      State::Handle info;
+      info.bytes = bytes;
+      info.imported = true;
+      state_->handles[*handle] = info;
+      ++state_->counters.handles;
+      state_->counters.imported_bytes += static_cast<std::int64_t>(bytes);
+      return handle;
+    }
+    ++state_->counters.failed_calls;
+  }
+  // The driver may answer a second import of one allocation with the handle
+  // it gave the first (CUDA does not promise otherwise): drop the reference
+  // this import took and leave the live handle's books as they are.
+  (void)DoDestroy(*handle, bytes);
+  return absl::AlreadyExistsError(absl::StrFormat(
+      "ImportHandle: file descriptor %d is memory already imported as handle "
+      "%d (backend %s)",
+      fd, *handle, caps_.name));
 }
 
 absl::Status Backend::Map(DevicePtr va, PhysicalHandle handle) {
@@ -474,6 +557,15 @@ absl::Status Backend::ReleaseFence(FenceId fence) {
     --state_->counters.fences;
   }
   return DoReleaseFence(fence);
+}
+
+absl::StatusOr<int> Backend::DoExportHandle(PhysicalHandle, std::size_t) {
+  return absl::UnimplementedError(absl::StrFormat(
+      "ExportHandle: backend %s cannot export handles", caps_.name));
+}
+absl::StatusOr<PhysicalHandle> Backend::DoImportHandle(int, std::size_t) {
+  return absl::UnimplementedError(absl::StrFormat(
+      "ImportHandle: backend %s cannot import handles", caps_.name));
 }
 
 absl::StatusOr<FenceId> Backend::DoRecordFence(Stream) {

@@ -21,6 +21,8 @@
 #include "vattn/status.h"
 
 #if defined(VATTN_HAVE_CUDA_HEADERS)
+#include <fcntl.h>
+
 #include <algorithm>
 #include <optional>
 #include <thread>
@@ -42,15 +44,21 @@ using internal::MutexLock;
 // DESIGN.md: 64 TiB reserved in microseconds on an H200; 128 TiB refused.
 constexpr std::size_t kMaxReservationBytes = std::size_t{64} << 40;
 
-// The one allocation property vattn uses: pinned device memory of `device`,
-// no export handle. Both the granularity query and cuMemCreate take it, so
-// the granularity is the one of the handles actually created.
-CUmemAllocationProp AllocationProp(CUdevice device) {
+// The one allocation property a backend uses: pinned device memory of
+// `device`, with no export handle, or (exportable) a POSIX file descriptor
+// as the requested handle type and, where the device supports it, GPUDirect
+// RDMA. Both the granularity query and cuMemCreate take it, so the
+// granularity is the one of the handles actually created.
+CUmemAllocationProp AllocationProp(CUdevice device, bool exportable = false,
+                                   bool rdma = false) {
   CUmemAllocationProp prop{};
   prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-  prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_NONE;
+  prop.requestedHandleTypes = exportable
+                                  ? CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+                                  : CU_MEM_HANDLE_TYPE_NONE;
   prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
   prop.location.id = device;
+  prop.allocFlags.gpuDirectRDMACapable = rdma ? 1 : 0;
   return prop;
 }
 
@@ -138,12 +146,14 @@ auto InContext(const CudaDriver& driver, CUcontext context, Fn&& fn)
 class CudaBackend final : public Backend {
  public:
   CudaBackend(BackendCapabilities caps, const CudaDriver* driver,
-              CUdevice device, CUcontext context, CUstream stream)
+              CUdevice device, CUcontext context, CUstream stream,
+              const CUmemAllocationProp& prop)
       : Backend(std::move(caps)),
         driver_(*driver),
         device_(device),
         context_(context),
-        stream_(stream) {}
+        stream_(stream),
+        prop_(prop) {}
 
   ~CudaBackend() override {
     ReleaseAllForShutdown();
@@ -181,10 +191,9 @@ class CudaBackend final : public Backend {
   absl::StatusOr<PhysicalHandle> DoCreate(std::size_t bytes) override {
     return InContext(
         driver_, context_, [&]() -> absl::StatusOr<PhysicalHandle> {
-          const CUmemAllocationProp prop = AllocationProp(device_);
           CUmemGenericAllocationHandle handle = 0;
           VATTN_CU_RETURN_IF_ERROR(
-              driver_.cuMemCreate(&handle, bytes, &prop, /*flags=*/0));
+              driver_.cuMemCreate(&handle, bytes, &prop_, /*flags=*/0));
           if (handle == 0) {
             // The contract reserves 0 for "no handle"; no driver hands it
             // out, but never let it through.
@@ -220,6 +229,77 @@ class CudaBackend final : public Backend {
       if (!s.ok()) (void)driver_.cuMemUnmap(ptr, bytes);
       return s;
     });
+  }
+
+  absl::StatusOr<int> DoExportHandle(PhysicalHandle handle,
+                                     std::size_t) override {
+    return InContext(driver_, context_, [&]() -> absl::StatusOr<int> {
+      int fd = -1;
+      VATTN_CU_RETURN_IF_ERROR(driver_.cuMemExportToShareableHandle(
+          &fd, static_cast<CUmemGenericAllocationHandle>(handle),
+          CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, /*flags=*/0));
+      if (fd < 0) {
+        return absl::InternalError(absl::StrFormat(
+            "cuMemExportToShareableHandle returned the descriptor %d for "
+            "handle %d",
+            fd, handle));
+      }
+      return fd;
+    });
+  }
+
+  // The driver keeps its own reference to the allocation: the caller's fd
+  // stays the caller's (NVIDIA's memMapIPCDrv sample closes it after the
+  // import). cuMemMap checks the size against the allocation's (a wrong
+  // `bytes` fails the first Map, not here: the driver has no size query).
+  absl::StatusOr<PhysicalHandle> DoImportHandle(int fd,
+                                                std::size_t) override {
+    if (::fcntl(fd, F_GETFD) < 0) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "ImportHandle: file descriptor %d is not open (backend %s)", fd,
+          capabilities().name));
+    }
+    return InContext(
+        driver_, context_, [&]() -> absl::StatusOr<PhysicalHandle> {
+          CUmemGenericAllocationHandle handle = 0;
+          const CUresult r = driver_.cuMemImportFromShareableHandle(
+              &handle,
+              reinterpret_cast<void*>(static_cast<std::uintptr_t>(fd)),
+              CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+          if (r == CUDA_ERROR_INVALID_VALUE || r == CUDA_ERROR_INVALID_HANDLE ||
+              r == CUDA_ERROR_NOT_SUPPORTED) {
+            return absl::InvalidArgumentError(absl::StrFormat(
+                "ImportHandle: file descriptor %d is not a CUDA allocation "
+                "exported as a POSIX file descriptor (%s) (backend %s)",
+                fd, internal::CudaErrorName(r), capabilities().name));
+          }
+          if (r != CUDA_SUCCESS) {
+            return internal::CudaCallError(
+                r, "cuMemImportFromShareableHandle(fd)", __FILE__, __LINE__);
+          }
+          if (handle == 0) {
+            return absl::InternalError(
+                "cuMemImportFromShareableHandle returned the handle 0, which "
+                "vattn cannot represent");
+          }
+          // Only this device's memory maps here with this device's access.
+          CUmemAllocationProp prop{};
+          absl::Status s = VATTN_CU_STATUS(
+              driver_.cuMemGetAllocationPropertiesFromHandle(&prop, handle));
+          if (s.ok() && (prop.location.type != CU_MEM_LOCATION_TYPE_DEVICE ||
+                         prop.location.id != device_)) {
+            s = absl::InvalidArgumentError(absl::StrFormat(
+                "ImportHandle: file descriptor %d holds memory of location "
+                "type %d id %d, not of this backend's device %d (backend %s)",
+                fd, static_cast<int>(prop.location.type), prop.location.id,
+                static_cast<int>(device_), capabilities().name));
+          }
+          if (!s.ok()) {
+            (void)driver_.cuMemRelease(handle);
+            return s;
+          }
+          return static_cast<PhysicalHandle>(handle);
+        });
   }
 
   absl::Status DoUnmap(DevicePtr va, std::size_t bytes) override {
@@ -394,13 +474,15 @@ class CudaBackend final : public Backend {
   const CUdevice device_;
   const CUcontext context_;
   const CUstream stream_;  // Private, non-blocking: Zero and the copies.
+  const CUmemAllocationProp prop_;  // What cuMemCreate makes.
 
   FenceTable<CUevent> fences_;  // Thread-safe on its own.
   Mutex mu_;
   std::vector<CUevent> data_events_ ABSL_GUARDED_BY(mu_);
 };
 
-absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackendImpl(int ordinal) {
+absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackendImpl(
+    int ordinal, const CudaBackendOptions& options) {
   VATTN_ASSIGN_OR_RETURN(const CudaDriver* driver, internal::LoadCudaDriver());
   const CudaDriver& d = *driver;
   int count = 0;
@@ -436,7 +518,25 @@ absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackendImpl(int ordinal) {
   std::size_t total_memory = 0;
   VATTN_CU_RETURN_IF_ERROR(d.cuDeviceTotalMem(&total_memory, device));
 
-  const CUmemAllocationProp prop = AllocationProp(device);
+  int rdma = 0;
+  if (options.exportable_handles) {
+    int posix_fd = 0;
+    VATTN_CU_RETURN_IF_ERROR(d.cuDeviceGetAttribute(
+        &posix_fd, CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED,
+        device));
+    if (posix_fd == 0) {
+      return absl::UnavailableError(absl::StrFormat(
+          "CUDA device %d (%s) cannot export memory as POSIX file "
+          "descriptors (CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_"
+          "SUPPORTED is 0); CudaBackendOptions::exportable_handles needs it",
+          ordinal, device_name));
+    }
+    VATTN_CU_RETURN_IF_ERROR(d.cuDeviceGetAttribute(
+        &rdma, CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED,
+        device));
+  }
+  const CUmemAllocationProp prop =
+      AllocationProp(device, options.exportable_handles, rdma != 0);
   std::size_t granularity = 0;
   VATTN_CU_RETURN_IF_ERROR(d.cuMemGetAllocationGranularity(
       &granularity, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM));
@@ -475,19 +575,30 @@ absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackendImpl(int ordinal) {
       internal::CudaDefaultBudget(free_memory, total_memory, granularity);
   caps.host_accessible = false;
   caps.has_streams = true;
+  caps.exportable = options.exportable_handles;
   return std::shared_ptr<Backend>(std::make_shared<CudaBackend>(
-      std::move(caps), driver, device, context, stream));
+      std::move(caps), driver, device, context, stream, prop));
 }
 
 }  // namespace
 
 absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackend(int device) {
-  return MakeCudaBackendImpl(device);
+  return MakeCudaBackendImpl(device, CudaBackendOptions{});
+}
+
+absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackend(
+    int device, const CudaBackendOptions& options) {
+  return MakeCudaBackendImpl(device, options);
 }
 
 #else  // !VATTN_HAVE_CUDA_HEADERS
 
 absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackend(int) {
+  return internal::LoadCudaDriver().status();
+}
+
+absl::StatusOr<std::shared_ptr<Backend>> MakeCudaBackend(
+    int, const CudaBackendOptions&) {
   return internal::LoadCudaDriver().status();
 }
 

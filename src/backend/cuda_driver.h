@@ -60,6 +60,10 @@ namespace vattn::internal {
   X(cuMemMap, cuMemMap)                                            \
   X(cuMemUnmap, cuMemUnmap)                                        \
   X(cuMemSetAccess, cuMemSetAccess)                                \
+  X(cuMemExportToShareableHandle, cuMemExportToShareableHandle)    \
+  X(cuMemImportFromShareableHandle, cuMemImportFromShareableHandle) \
+  X(cuMemGetAllocationPropertiesFromHandle,                        \
+    cuMemGetAllocationPropertiesFromHandle)                        \
   X(cuMemGetInfo, cuMemGetInfo_v2)                                 \
   X(cuMemsetD8Async, cuMemsetD8Async)                              \
   X(cuMemcpyHtoDAsync, cuMemcpyHtoDAsync_v2)                       \

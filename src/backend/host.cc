@@ -16,9 +16,18 @@
 //               the range, so it stays reserved (never a hole another mmap
 //               could take).
 //  * Release  = munmap.
+//
+// With HostBackendOptions::exportable_handles, Create makes one memfd per
+// handle instead ("vattn-export", sized to the handle), Destroy closes it
+// (no punch: a peer that imported it may still map it; the kernel frees the
+// pages when the last descriptor and mapping are gone) and Map maps it from
+// offset 0. ExportHandle dup()s that descriptor; ImportHandle keeps a dup()
+// of a peer's. Such handles carry kFileHandleBit, so they never collide with
+// the shared memfd's offset-encoded handles.
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -28,9 +37,12 @@
 #include <string>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "src/internal/mutex.h"
 #include "vattn/backend.h"
+#include "vattn/status.h"
 
 namespace vattn {
 namespace {
@@ -42,6 +54,13 @@ using internal::MutexLock;
 // are never reused, so this bounds the bytes ever created over the backend's
 // life: 1 PiB is 2^29 handles of 2 MiB.
 constexpr std::uint64_t kFileBytes = std::uint64_t{1} << 50;
+
+// Handles that are a memfd of their own (exportable or imported).
+constexpr PhysicalHandle kFileHandleBit = PhysicalHandle{1} << 63;
+// The name every exportable memfd carries; ImportHandle accepts only these
+// (readlink of /proc/self/fd/N reads "/memfd:vattn-export (deleted)").
+constexpr char kExportName[] = "vattn-export";
+constexpr char kExportLink[] = "/memfd:vattn-export";
 
 // strerror_r comes in a GNU flavour (returns char*) and an XSI one (returns
 // int); these overloads accept either.
@@ -66,6 +85,12 @@ absl::Status ErrnoStatus(int err, const char* call, const std::string& what,
                       "host)",
                       call, ErrnoText(err), err, what, file, line);
   if (err == ENOMEM) return absl::ResourceExhaustedError(std::move(message));
+  if (err == EMFILE || err == ENFILE) {
+    // One descriptor per exportable handle: the process ran out of them.
+    return absl::ResourceExhaustedError(
+        std::move(message) +
+        " (out of file descriptors: raise RLIMIT_NOFILE, ulimit -n)");
+  }
   return absl::InternalError(std::move(message));
 }
 #define VATTN_ERRNO_STATUS(err, call, what) \
@@ -82,7 +107,8 @@ class HostBackend final : public Backend {
       : Backend(std::move(caps)),
         fd_(fd),
         granularity_(capabilities().granularity),
-        limit_(limit) {}
+        limit_(limit),
+        per_handle_files_(capabilities().exportable) {}
 
   ~HostBackend() override {
     ReleaseAllForShutdown();
@@ -130,6 +156,23 @@ class HostBackend final : public Backend {
           "in use) (backend host)",
           bytes, limit_, used_));
     }
+    if (per_handle_files_) {
+      const int fd = ::memfd_create(kExportName, MFD_CLOEXEC);
+      if (fd < 0) {
+        return VATTN_ERRNO_STATUS(
+            errno, "memfd_create",
+            absl::StrFormat("Create of an exportable %d-byte handle", bytes));
+      }
+      if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+        const int err = errno;
+        ::close(fd);
+        return VATTN_ERRNO_STATUS(
+            err, "ftruncate",
+            absl::StrFormat("Create of an exportable %d-byte handle", bytes));
+      }
+      used_ += bytes;
+      return AddFileLocked(fd, /*imported=*/false);
+    }
     if (bytes > kFileBytes - next_offset_) {
       return absl::ResourceExhaustedError(absl::StrFormat(
           "Create: the backend's memfd offsets are used up (%d bytes created "
@@ -143,6 +186,20 @@ class HostBackend final : public Backend {
   }
 
   absl::Status DoDestroy(PhysicalHandle handle, std::size_t bytes) override {
+    if ((handle & kFileHandleBit) != 0) {
+      MutexLock lock(&mu_);
+      auto it = files_.find(handle);
+      if (it == files_.end()) {
+        return absl::InternalError(absl::StrFormat(
+            "Destroy: handle %d has no memfd (backend host)", handle));
+      }
+      // The descriptor is gone whatever close() says (Linux releases it
+      // even on EINTR/EIO): nothing to retry, so the handle goes too.
+      (void)::close(it->second.fd);
+      if (!it->second.imported) used_ -= bytes;
+      files_.erase(it);
+      return absl::OkStatus();
+    }
     if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                     Offset(handle), static_cast<off_t>(bytes)) != 0) {
       return VATTN_ERRNO_STATUS(
@@ -156,8 +213,15 @@ class HostBackend final : public Backend {
 
   absl::Status DoMap(DevicePtr va, PhysicalHandle handle,
                      std::size_t bytes) override {
+    int fd = fd_;
+    off_t offset = 0;
+    if ((handle & kFileHandleBit) != 0) {
+      VATTN_ASSIGN_OR_RETURN(fd, FileOf("Map", handle));
+    } else {
+      offset = Offset(handle);
+    }
     void* p = ::mmap(AsPointer(va), bytes, PROT_READ | PROT_WRITE,
-                     MAP_SHARED | MAP_FIXED, fd_, Offset(handle));
+                     MAP_SHARED | MAP_FIXED, fd, offset);
     if (p == MAP_FAILED) {
       const int err = errno;
       // A failed MAP_FIXED may already have removed the old mapping; put the
@@ -171,6 +235,73 @@ class HostBackend final : public Backend {
       return VATTN_ERRNO_STATUS(err, "mmap(MAP_SHARED | MAP_FIXED)", what);
     }
     return absl::OkStatus();
+  }
+
+  absl::StatusOr<int> DoExportHandle(PhysicalHandle handle,
+                                     std::size_t bytes) override {
+    if ((handle & kFileHandleBit) == 0) {
+      return absl::UnimplementedError(absl::StrFormat(
+          "ExportHandle: handle %d is a range of the shared memfd, made "
+          "before exportable_handles (backend host)",
+          handle));
+    }
+    VATTN_ASSIGN_OR_RETURN(const int fd, FileOf("ExportHandle", handle));
+    const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (copy < 0) {
+      return VATTN_ERRNO_STATUS(
+          errno, "fcntl(F_DUPFD_CLOEXEC)",
+          absl::StrFormat("ExportHandle of handle %d (%d bytes)", handle,
+                          bytes));
+    }
+    return copy;
+  }
+
+  absl::StatusOr<PhysicalHandle> DoImportHandle(int fd,
+                                                std::size_t bytes) override {
+    if (::fcntl(fd, F_GETFD) < 0) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "ImportHandle: file descriptor %d is not open (%s) (backend host)",
+          fd, ErrnoText(errno)));
+    }
+    // Only another Host backend's export: a memfd named vattn-export.
+    const std::string path = absl::StrFormat("/proc/self/fd/%d", fd);
+    char target[256] = {};
+    const ssize_t n = ::readlink(path.c_str(), target, sizeof(target) - 1);
+    if (n < 0) {
+      return VATTN_ERRNO_STATUS(
+          errno, "readlink",
+          absl::StrFormat("ImportHandle of file descriptor %d", fd));
+    }
+    const std::string link(target, static_cast<std::size_t>(n));
+    if (!absl::StartsWith(link, kExportLink) ||
+        (link.size() > sizeof(kExportLink) - 1 &&
+         link[sizeof(kExportLink) - 1] != ' ')) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "ImportHandle: file descriptor %d is \"%s\", not a vattn export "
+          "(\"%s\", made by a Host backend with exportable_handles) "
+          "(backend host)",
+          fd, link, kExportLink));
+    }
+    struct stat st = {};
+    if (::fstat(fd, &st) != 0) {
+      return VATTN_ERRNO_STATUS(
+          errno, "fstat",
+          absl::StrFormat("ImportHandle of file descriptor %d", fd));
+    }
+    if (static_cast<std::uint64_t>(st.st_size) != bytes) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "ImportHandle: file descriptor %d holds %d bytes, not the %d "
+          "expected (backend host)",
+          fd, static_cast<std::int64_t>(st.st_size), bytes));
+    }
+    const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (copy < 0) {
+      return VATTN_ERRNO_STATUS(
+          errno, "fcntl(F_DUPFD_CLOEXEC)",
+          absl::StrFormat("ImportHandle of file descriptor %d", fd));
+    }
+    MutexLock lock(&mu_);
+    return AddFileLocked(copy, /*imported=*/true);
   }
 
   absl::Status DoUnmap(DevicePtr va, std::size_t bytes) override {
@@ -204,6 +335,24 @@ class HostBackend final : public Backend {
     return static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
   }
 
+  // A memfd of its own becomes a handle (mu_ held).
+  PhysicalHandle AddFileLocked(int fd, bool imported)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const PhysicalHandle handle = kFileHandleBit | ++next_file_;
+    files_[handle] = File{fd, imported};
+    return handle;
+  }
+
+  absl::StatusOr<int> FileOf(const char* what, PhysicalHandle handle) {
+    MutexLock lock(&mu_);
+    auto it = files_.find(handle);
+    if (it == files_.end()) {
+      return absl::InternalError(absl::StrFormat(
+          "%s: handle %d has no memfd (backend host)", what, handle));
+    }
+    return it->second.fd;
+  }
+
   off_t Offset(PhysicalHandle handle) const {
     return static_cast<off_t>((handle - 1) * granularity_);
   }
@@ -216,14 +365,23 @@ class HostBackend final : public Backend {
                   0) != MAP_FAILED;
   }
 
+  struct File {
+    int fd = -1;
+    bool imported = false;  // Another process's memory: not in used_.
+  };
+
   // Constant after construction.
   const int fd_;
   const std::size_t granularity_;
   const std::size_t limit_;
+  const bool per_handle_files_;  // exportable_handles.
 
   Mutex mu_;
   std::uint64_t next_offset_ ABSL_GUARDED_BY(mu_) = 0;  // Bump allocator.
   std::size_t used_ ABSL_GUARDED_BY(mu_) = 0;  // Bytes of live handles.
+  // Handles with a memfd of their own (kFileHandleBit set).
+  absl::flat_hash_map<PhysicalHandle, File> files_ ABSL_GUARDED_BY(mu_);
+  std::uint64_t next_file_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 absl::Status ValidateHostOptions(const HostBackendOptions& options,
@@ -297,6 +455,7 @@ absl::StatusOr<std::shared_ptr<Backend>> MakeHostBackend(
   caps.physical_memory_bytes = limit;
   caps.host_accessible = true;
   caps.has_streams = false;
+  caps.exportable = options.exportable_handles;
   return std::shared_ptr<Backend>(
       std::make_shared<HostBackend>(std::move(caps), fd, limit));
 }

@@ -53,6 +53,14 @@ absl::Status BackendWrapper::DoMap(DevicePtr va, PhysicalHandle handle,
 absl::Status BackendWrapper::DoUnmap(DevicePtr va, std::size_t bytes) {
   return inner_->Unmap(va, bytes);
 }
+absl::StatusOr<int> BackendWrapper::DoExportHandle(PhysicalHandle handle,
+                                                   std::size_t) {
+  return inner_->ExportHandle(handle);
+}
+absl::StatusOr<PhysicalHandle> BackendWrapper::DoImportHandle(
+    int fd, std::size_t bytes) {
+  return inner_->ImportHandle(fd, bytes);
+}
 absl::Status BackendWrapper::DoZero(DevicePtr va, std::size_t bytes) {
   return inner_->Zero(va, bytes);
 }
