@@ -427,11 +427,49 @@ absl::StatusOr<int> PhysicalPool::Replenish(std::size_t bytes, int max_count,
   return made;
 }
 
-absl::Status PhysicalPool::DestroyIdle() {
+absl::Status PhysicalPool::DestroyHandedOut(std::vector<PhysicalHandle> handles,
+                                            std::size_t bytes) {
+  std::vector<std::pair<PhysicalHandle, std::size_t>> doomed;
+  doomed.reserve(handles.size());
+  for (PhysicalHandle h : handles) doomed.emplace_back(h, bytes);
+  return DestroyDoomed(std::move(doomed));
+}
+
+absl::Status PhysicalPool::DestroyDoomed(
+    std::vector<std::pair<PhysicalHandle, std::size_t>> doomed) {
+  if (doomed.empty()) return absl::OkStatus();
+  std::vector<absl::Status> results(doomed.size());
+  for (std::size_t i = 0; i < doomed.size(); ++i) {
+    results[i] = backend_->Destroy(doomed[i].first);
+  }
   MutexLock lock(&mu_);
-  // keep = 0 is no size: every idle handle goes.
-  absl::StatusOr<std::int64_t> freed = DestroyIdleLocked(0, -1);
-  return freed.status();
+  absl::Status first_error;
+  std::int64_t freed = 0;
+  for (std::size_t i = 0; i < doomed.size(); ++i) {
+    if (results[i].ok()) {
+      counters_.physical_bytes -= static_cast<std::int64_t>(doomed[i].second);
+      freed += static_cast<std::int64_t>(doomed[i].second);
+      ++counters_.destroy_calls;
+    } else {
+      doomed_.push_back(doomed[i]);
+      first_error.Update(results[i]);
+    }
+  }
+  if (member_ != nullptr) member_->Refund(freed);
+  return first_error;
+}
+
+absl::Status PhysicalPool::DestroyIdle() {
+  std::vector<std::pair<PhysicalHandle, std::size_t>> doomed;
+  absl::Status first_error;
+  {
+    MutexLock lock(&mu_);
+    // keep = 0 is no size: every idle handle goes.
+    first_error = DestroyIdleLocked(0, -1).status();
+    doomed.swap(doomed_);
+  }
+  first_error.Update(DestroyDoomed(std::move(doomed)));
+  return first_error;
 }
 
 absl::StatusOr<std::int64_t> PhysicalPool::DestroyIdleBytes(

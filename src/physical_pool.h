@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "absl/container/btree_map.h"
@@ -126,6 +127,14 @@ class PhysicalPool {
                                                       bool quiet = false);
   // Takes handles of `bytes` back into the idle pool.
   void Release(std::vector<PhysicalHandle> handles, std::size_t bytes);
+  // Destroys handles of `bytes` that Acquire handed out and that must never
+  // come back to the idle pool (exported to another process, which may
+  // still map them): their bytes leave physical_bytes as each is destroyed
+  // (driver calls without the pool's lock). A handle whose Destroy fails
+  // stays counted as physical, is never handed out again, and is retried by
+  // DestroyIdle. Returns the first error.
+  absl::Status DestroyHandedOut(std::vector<PhysicalHandle> handles,
+                                std::size_t bytes);
   // Creates idle handles of `bytes` until `count` of that size are idle
   // (within the budget). Returns how many it created.
   absl::StatusOr<int> Fill(std::size_t bytes, int count);
@@ -223,6 +232,11 @@ class PhysicalPool {
   absl::Status CreateLocked(std::size_t bytes, int count,
                             std::vector<PhysicalHandle>* created)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Destroys (handle, bytes) pairs handed out earlier (mu_ not held);
+  // failures go to doomed_. Returns the first error.
+  absl::Status DestroyDoomed(
+      std::vector<std::pair<PhysicalHandle, std::size_t>> doomed)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // Moves *handles into the idle pool and clears the vector.
   void ReleaseLocked(std::vector<PhysicalHandle>* handles, std::size_t bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -247,6 +261,10 @@ class PhysicalPool {
   absl::flat_hash_map<std::size_t, Demand> demand_ ABSL_GUARDED_BY(mu_);
   // Bytes of creations in flight, already counted against the budget.
   std::int64_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  // Handed-out handles DestroyHandedOut failed to destroy: (handle, bytes),
+  // still physical, never idle; DestroyIdle retries them.
+  std::vector<std::pair<PhysicalHandle, std::size_t>> doomed_
+      ABSL_GUARDED_BY(mu_);
   Counters counters_ ABSL_GUARDED_BY(mu_);
 };
 
