@@ -24,6 +24,8 @@
 //     [--seed=N] [--map_ahead_tokens=N | --no-map-ahead]
 //     [--max_extent_tokens=N] [--budget_mib=N] [--repeats=N] [--vattn-only]
 //     [--check[=SAMPLES]] [--threads=N] [--json=FILE] [--no-progress]
+//   batch_decode --models=2 [flags]   several models sharing one budget
+//     (examples/decode/elastic_cli.h; --models=2 --help lists its flags)
 
 #include <unistd.h>
 
@@ -43,6 +45,7 @@
 #include "absl/strings/numbers.h"
 #include "cuda_attention.h"
 #include "decode_loop.h"
+#include "elastic_cli.h"
 #include "fmt/core.h"
 #include "vattn/vattn.h"
 
@@ -80,6 +83,11 @@ constexpr const char* kUsage = R"(usage: batch_decode [flags]
   --threads=N                CPU attention threads (default: every core)
   --json=FILE                write the summary as JSON
   --no-progress              no progress bar
+  --models=N|A,B             N models (one cache each) sharing one budget
+                             through a MemoryArbiter, bursts alternating
+                             between them, against a static split; a table
+                             and an SVG of each cache's memory over time
+                             (--models=2 --help lists its own flags)
 )";
 
 struct Flags {
@@ -489,6 +497,11 @@ int Fail(const std::string& what) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::string_view(argv[i]).rfind("--models=", 0) == 0) {
+      return vdecode::ModelsMain(argc, argv);
+    }
+  }
   Flags f;
   if (const std::string e = ParseFlags(argc, argv, &f); !e.empty()) {
     if (e == "help") {

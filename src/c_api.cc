@@ -94,6 +94,10 @@ KVCacheOptions FromC(const vattn_cache_options& c) {
   o.map_ahead_tokens = c.map_ahead_tokens;
   o.pool_low_water = c.pool_low_water;
   o.pool_high_water = c.pool_high_water;
+  if (c.arbiter != nullptr) o.arbiter = c.arbiter->arbiter;
+  o.arbiter_floor_bytes = c.arbiter_floor_bytes;
+  o.arbiter_cap_bytes = c.arbiter_cap_bytes;
+  if (c.arbiter_name != nullptr) o.arbiter_name = c.arbiter_name;
   return o;
 }
 
@@ -117,6 +121,12 @@ void ToC(const KVCacheOptions& o, vattn_cache_options* c) {
   c->map_ahead_tokens = o.map_ahead_tokens;
   c->pool_low_water = o.pool_low_water;
   c->pool_high_water = o.pool_high_water;
+  // A C handle to o.arbiter would need an owner, and the name storage:
+  // options filled here name neither; the caller sets them.
+  c->arbiter = nullptr;
+  c->arbiter_floor_bytes = o.arbiter_floor_bytes;
+  c->arbiter_cap_bytes = o.arbiter_cap_bytes;
+  c->arbiter_name = nullptr;
 }
 
 void ToC(const CacheStats& s, vattn_cache_stats* c) {

@@ -19,6 +19,7 @@
 #include "vattn/backend.h"
 #include "vattn/c_api.h"
 #include "vattn/kv_cache.h"
+#include "vattn/memory_arbiter.h"
 
 // The handles. Global, unnamespaced: they complete the C header's opaque
 // struct declarations.
@@ -27,6 +28,9 @@ struct vattn_backend {
 };
 struct vattn_cache {
   std::unique_ptr<vattn::KVCache> cache;
+};
+struct vattn_arbiter {
+  std::shared_ptr<vattn::MemoryArbiter> arbiter;
 };
 
 namespace vattn::c_api_internal {

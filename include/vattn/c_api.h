@@ -138,6 +138,9 @@ VATTN_EXPORT void vattn_backend_release(vattn_backend* backend);
  * Unavailable: no CUDA driver can be loaded. InvalidArgument: out is NULL. */
 VATTN_EXPORT int vattn_cuda_device_count(int* out);
 
+/* An opaque shared budget (vattn::MemoryArbiter; "Elastic memory" below). */
+typedef struct vattn_arbiter vattn_arbiter;
+
 /* ---- Cache options (vattn::KVCacheOptions) ------------------------------- */
 /* Mirrors vattn::KVCacheOptions field by field (see vattn/options.h for what
  * each one trades off); booleans are ints (0 false, anything else true) and
@@ -175,6 +178,15 @@ typedef struct vattn_cache_options {
   int64_t map_ahead_tokens;
   int pool_low_water;
   int pool_high_water;
+
+  /* Shared budget (vattn/memory_arbiter.h; see "Elastic memory" below). */
+  vattn_arbiter* arbiter;     /* NULL: the cache's own budget. The cache takes
+                                 its own reference; the caller keeps its. With
+                                 an arbiter, memory_budget_bytes must be 0. */
+  size_t arbiter_floor_bytes; /* Never reclaimed by other caches; 0: none. */
+  size_t arbiter_cap_bytes;   /* Ceiling (0: the arbiter's budget only). */
+  const char* arbiter_name;   /* Name in the telemetry (copied); NULL or "":
+                                 "cache-<id>". */
 } vattn_cache_options;
 
 /* Fills *options with the C++ defaults (KVCacheOptions{}) and sets
@@ -383,6 +395,91 @@ VATTN_EXPORT int vattn_cache_slot_ranges(const vattn_cache* cache, int slot,
  * never moves for the cache's life. InvalidArgument: a NULL argument. */
 VATTN_EXPORT int vattn_cache_reservation(const vattn_cache* cache,
                                          vattn_memory_range* out);
+
+/* ---- Elastic memory (vattn::MemoryArbiter, vattn/memory_arbiter.h) -------
+ * One physical budget shared by several caches on one backend: each cache
+ * made with options.arbiter set draws its memory from the arbiter's budget;
+ * when one needs memory and the budget is full, idle memory of any cache
+ * (pooled handles, idle slots, cached prefixes; least recently used first)
+ * is taken back. Active memory is never taken. arbiter_floor_bytes is a
+ * cache's guarantee, arbiter_cap_bytes its ceiling. Every call is
+ * thread-safe and may run while the caches are in use.
+ *
+ *   vattn_arbiter* arb;
+ *   vattn_arbiter_create(backend, (size_t)8 << 30, &arb);
+ *   opts.arbiter = arb;  opts.arbiter_name = "llama";
+ *   vattn_cache_create(&opts, backend, &cache_a);    // and cache_b ...
+ *   vattn_arbiter_release(arb);                      // the caches keep theirs
+ *
+ * Ownership: vattn_arbiter_create returns a handle owned by the caller
+ * (vattn_arbiter_release); every cache made with it holds its own
+ * reference, so the arbiter lives until its last cache is destroyed. */
+
+/* Makes an arbiter over `backend` whose caches together hold at most
+ * `budget_bytes` physical bytes at any instant. Every cache attached must
+ * be made on this same backend handle's backend. InvalidArgument: a NULL
+ * argument, budget_bytes 0 or above 2^60. The caller owns *out. */
+VATTN_EXPORT int vattn_arbiter_create(vattn_backend* backend,
+                                      size_t budget_bytes,
+                                      vattn_arbiter** out);
+
+/* Drops the caller's reference (caches keep theirs). NULL is ignored. */
+VATTN_EXPORT void vattn_arbiter_release(vattn_arbiter* arbiter);
+
+/* Changes the shared budget (MemoryArbiter::SetBudget). Growth takes effect
+ * at once; shrinking first takes idle memory back, never below a cache's
+ * floor. The new budget stands either way. ResourceExhausted (with the
+ * bytes held, active and asked for): active memory keeps the caches above
+ * it; growth is refused until memory is freed. InvalidArgument: NULL
+ * arbiter, bytes 0, above 2^60 or below the sum of the caches' floors
+ * (nothing changes). A backend error while destroying memory as is. */
+VATTN_EXPORT int vattn_arbiter_set_budget(vattn_arbiter* arbiter,
+                                          size_t bytes);
+
+/* Returns idle memory of every cache to the driver (handles destroyed, not
+ * pooled) until the caches hold at most `target_bytes` together
+ * (MemoryArbiter::Trim); never active memory, never a cache below its
+ * floor. The bytes destroyed go to *destroyed_bytes when it is not NULL.
+ * When active memory keeps the caches above the target it destroys what it
+ * can and returns OK. The budget is unchanged. InvalidArgument: NULL
+ * arbiter. Backend errors as they are. */
+VATTN_EXPORT int vattn_arbiter_trim(vattn_arbiter* arbiter,
+                                    size_t target_bytes,
+                                    size_t* destroyed_bytes);
+
+/* The budget in force, in *out. InvalidArgument: a NULL argument. */
+VATTN_EXPORT int vattn_arbiter_budget_bytes(const vattn_arbiter* arbiter,
+                                            size_t* out);
+
+/* A JSON snapshot of the arbiter and every cache attached to it
+ * (vattn::TelemetryJson, vattn/arbiter_telemetry.h, documents the fields):
+ * sets *length to the JSON's length in bytes (without the NUL) and, when
+ * capacity > length, copies it with a terminating NUL into buffer. Pass
+ * buffer NULL and capacity 0 to ask for the length only; the next snapshot
+ * may be a few bytes longer, so leave slack or retry. InvalidArgument: NULL
+ * arbiter or length, buffer NULL with capacity > 0, or capacity <= the
+ * length (then *length is still set and nothing is copied). */
+VATTN_EXPORT int vattn_arbiter_telemetry_json(const vattn_arbiter* arbiter,
+                                              char* buffer, size_t capacity,
+                                              size_t* length);
+
+/* Changes the cache's budget at run time (KVCache::SetBudget): without an
+ * arbiter its memory_budget_bytes, with one its cap. Growth takes effect at
+ * once; shrinking first destroys the cache's idle memory. The new budget
+ * stands either way. ResourceExhausted (with the numbers): active memory
+ * keeps the cache above it. InvalidArgument: NULL cache, bytes below one
+ * granule per tensor, above 2^60 or (with an arbiter) below the cache's
+ * floor (nothing changes). A backend error while destroying as is. */
+VATTN_EXPORT int vattn_cache_set_budget(vattn_cache* cache, size_t bytes);
+
+/* Returns the cache's idle memory to the driver until it holds at most
+ * `target_bytes` (KVCache::Trim); the bytes destroyed go to
+ * *destroyed_bytes when it is not NULL. OK with what it could destroy when
+ * active memory keeps it above the target. The budget is unchanged, and
+ * the background pool refill does not re-create what was trimmed.
+ * InvalidArgument: NULL cache. Backend errors as they are. */
+VATTN_EXPORT int vattn_cache_trim(vattn_cache* cache, size_t target_bytes,
+                                  size_t* destroyed_bytes);
 
 #ifdef __cplusplus
 }  /* extern "C" */

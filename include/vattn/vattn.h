@@ -18,11 +18,13 @@
 //   vattn/stats.h    CacheStats
 //   vattn/kv_cache.h KVCache, TensorView, StepRequest
 //   vattn/memory_arbiter.h  MemoryArbiter: one budget shared by caches
+//   vattn/arbiter_telemetry.h  TelemetryJson: the arbiter and its caches as JSON
 //   vattn/c_api.h    the C API over all of the above (C callers include it
 //                    alone)
 #ifndef VATTN_VATTN_H_
 #define VATTN_VATTN_H_
 
+#include "vattn/arbiter_telemetry.h"
 #include "vattn/backend.h"
 #include "vattn/backend_wrapper.h"
 #include "vattn/c_api.h"

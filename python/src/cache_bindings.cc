@@ -17,6 +17,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "python/src/arbiter_bindings.h"
 #include "python/src/bindings.h"
 #include "python/src/step_batch.h"
 #include "vattn/kv_cache.h"
@@ -157,6 +158,7 @@ void SetOption(KVCacheOptions& o, const std::string& name, nb::handle v) {
   try {
     if (name == "dtype") { o.dtype = DTypeFromPython(v); return; }
     if (name == "layout") { o.layout = LayoutFromPython(v); return; }
+    if (name == "arbiter") { o.arbiter = ArbiterFromPython(v); return; }
 #define VATTN_OPTION(field)                                       \
     if (name == #field) {                                         \
       o.field = nb::cast<decltype(KVCacheOptions::field)>(v);     \
@@ -178,6 +180,9 @@ void SetOption(KVCacheOptions& o, const std::string& name, nb::handle v) {
     VATTN_OPTION(map_ahead_tokens)
     VATTN_OPTION(pool_low_water)
     VATTN_OPTION(pool_high_water)
+    VATTN_OPTION(arbiter_floor_bytes)
+    VATTN_OPTION(arbiter_cap_bytes)
+    VATTN_OPTION(arbiter_name)
 #undef VATTN_OPTION
   } catch (const nb::cast_error&) {
     Raise(absl::StatusCode::kInvalidArgument,
@@ -208,6 +213,9 @@ nb::dict OptionsToDict(const KVCacheOptions& o) {
   d["map_ahead_tokens"] = o.map_ahead_tokens;
   d["pool_low_water"] = o.pool_low_water;
   d["pool_high_water"] = o.pool_high_water;
+  d["arbiter_floor_bytes"] = o.arbiter_floor_bytes;
+  d["arbiter_cap_bytes"] = o.arbiter_cap_bytes;
+  d["arbiter_name"] = o.arbiter_name;
   return d;
 }
 
@@ -291,6 +299,10 @@ void BindCache(nb::module_& m) {
       .def(
           "__init__",
           [](PyCache* self, nb::handle backend, nb::kwargs kwargs) {
+            if (backend.is_none() && kwargs.contains("arbiter") &&
+                !kwargs["arbiter"].is_none()) {
+              backend = kwargs["arbiter"].attr("backend");  // Caches must share it.
+            }
             if (backend.is_none()) {
               backend = nb::module_::import_("vattn").attr("default_backend")();
             }

@@ -3,6 +3,7 @@
 // vattn._vattn: the nanobind extension behind the `vattn` package.
 #include <nanobind/nanobind.h>
 
+#include "python/src/arbiter_bindings.h"
 #include "python/src/bindings.h"
 #include "python/src/errors.h"
 #include "python/src/step_batch.h"
@@ -13,4 +14,5 @@ NB_MODULE(_vattn, m) {
   vattn::python::BindBackends(m);
   vattn::python::BindStepBatch(m);
   vattn::python::BindCache(m);
+  vattn::python::BindArbiter(m);  // Adds to Cache: after BindCache.
 }

@@ -32,6 +32,7 @@ from vattn._vattn import (  # noqa: F401
     InternalError,
     InvalidArgumentError,
     LatencyModelBackend,
+    MemoryArbiter,
     NotFoundError,
     OutOfRangeError,
     PermissionDeniedError,
