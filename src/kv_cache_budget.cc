@@ -142,9 +142,11 @@ absl::StatusOr<std::int64_t> KVCache::Impl::GiveBackIdle(
   if (Held(*pool) - keep_bytes < geo.granularity()) return 0;
   VATTN_ASSIGN_OR_RETURN(std::int64_t freed,
                          pool->DestroyIdleBytes(bytes, keep_bytes));
-  if (freed == 0 && pool->counters().idle_bytes == 0) {
-    // No pooled handle: the least recently used idle extent goes to the
-    // pool (the cache's own reclamation), then is destroyed.
+  // No pooled handle: the least recently used idle extent goes to the pool
+  // (the cache's own reclamation), then is destroyed. An extent another
+  // holder still shares (a cached prefix's) frees nothing when unmapped
+  // from the slot: then the next one goes, until one does.
+  while (freed == 0 && pool->counters().idle_bytes == 0) {
     VATTN_ASSIGN_OR_RETURN(std::int64_t reclaimed, ReclaimOne());
     if (reclaimed == 0) return 0;
     VATTN_ASSIGN_OR_RETURN(freed, pool->DestroyIdleBytes(bytes, keep_bytes));
