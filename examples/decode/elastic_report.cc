@@ -48,7 +48,7 @@ double NiceStep(double range, int want) {
 }  // namespace
 
 std::string ElasticSvg(const std::vector<ElasticResult>& runs) {
-  constexpr double kWidth = 960, kPanel = 280, kLeft = 70, kRight = 190,
+  constexpr double kWidth = 1000, kPanel = 280, kLeft = 70, kRight = 230,
                    kTop = 40, kBottom = 40;
   const double plot_w = kWidth - kLeft - kRight;
   const double plot_h = kPanel - kTop - kBottom;
