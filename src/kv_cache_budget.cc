@@ -142,11 +142,15 @@ absl::StatusOr<std::int64_t> KVCache::Impl::GiveBackIdle(
   if (Held(*pool) - keep_bytes < geo.granularity()) return 0;
   VATTN_ASSIGN_OR_RETURN(std::int64_t freed,
                          pool->DestroyIdleBytes(bytes, keep_bytes));
-  // No pooled handle: the least recently used idle extent goes to the pool
-  // (the cache's own reclamation), then is destroyed. An extent another
+  // Nothing pooled could go (none, or only handles the floor keeps): the
+  // least recently used idle extent goes to the pool (the cache's own
+  // reclamation), then is destroyed if the floor allows. An extent another
   // holder still shares (a cached prefix's) frees nothing when unmapped
-  // from the slot: then the next one goes, until one does.
-  while (freed == 0 && pool->counters().idle_bytes == 0) {
+  // from the slot, and one too large for the floor stays pooled: then the
+  // next one goes, a few times at most (what went to the pool stays the
+  // cache's, reusable without a create).
+  constexpr int kMaxFruitlessReclaims = 8;
+  for (int tries = 0; freed == 0 && tries < kMaxFruitlessReclaims; ++tries) {
     VATTN_ASSIGN_OR_RETURN(std::int64_t reclaimed, ReclaimOne());
     if (reclaimed == 0) return 0;
     VATTN_ASSIGN_OR_RETURN(freed, pool->DestroyIdleBytes(bytes, keep_bytes));

@@ -777,13 +777,31 @@ TEST(MemoryArbiterTest, CachesOnDifferentThreadsShareTheBudget) {
     stop.store(true);
   });
   for (std::thread& t : threads) t.join();
-  EXPECT_GT(trimmed.load(), 0);
+  // (Whether a Trim under traffic found idle memory depends on timing.)
+  ::testing::Test::RecordProperty("trimmed_under_traffic",
+                                  static_cast<int>(trimmed.load() / kGranule));
   EXPECT_EQ(failures.load(), 0);
   EXPECT_EQ(rig.tracking->violations(), 0) << rig.tracking->first_violation();
   const ArbiterStats s = rig.arbiter->Stats();
   std::int64_t sum = 0;
   for (const ArbiterCacheStats& c : s.caches) sum += c.physical_bytes;
   EXPECT_EQ(sum, s.physical_bytes);
+  // Every request ended: a Trim to 0 leaves only t0's memory (its floor,
+  // or more when its idle extents are larger than what lies above it: a
+  // handle is never split), all of it idle.
+  VATTN_ASSERT_OK(rig.arbiter->SetBudget(high));
+  VATTN_ASSERT_OK(owned[1]->WaitForBackgroundIdle());  // Its refill is done.
+  const std::int64_t before = rig.arbiter->Stats().physical_bytes;
+  VATTN_ASSERT_OK_AND_ASSIGN(std::size_t freed, rig.arbiter->Trim(0));
+  const ArbiterStats after = rig.arbiter->Stats();
+  const std::int64_t left = after.physical_bytes;
+  EXPECT_EQ(Of(after, "t1").physical_bytes, 0);
+  EXPECT_EQ(Of(after, "t2").physical_bytes, 0);
+  EXPECT_EQ(Of(after, "t0").reclaimable_bytes, left);
+  EXPECT_EQ(static_cast<std::int64_t>(freed), before - left);
+  VATTN_ASSERT_OK(owned[1]->WaitForBackgroundIdle());  // Held: no refill.
+  EXPECT_EQ(rig.arbiter->Stats().physical_bytes, left);
+  EXPECT_EQ(rig.tracking->live(), left);
   owned.clear();
   EXPECT_TRUE(rig.backend->counters().Empty());
   EXPECT_EQ(rig.arbiter->Stats().physical_bytes, 0);
