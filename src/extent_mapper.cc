@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_format.h"
+#include "vattn/status.h"
 
 namespace vattn {
 
@@ -17,11 +18,18 @@ absl::Status ExtentMapper::MapRegions(int slot, const Extent& extent,
   absl::Status status;
   for (; mapped < regions; ++mapped) {
     status = backend_->Map(Address(slot, mapped, extent.offset),
-                           extent.handles[static_cast<std::size_t>(mapped)]);
+                           extent.handles[static_cast<std::size_t>(mapped)],
+                           extent.read_only ? MapAccess::kReadOnly
+                                            : MapAccess::kReadWrite);
     if (!status.ok()) break;
     map_calls_.fetch_add(1, std::memory_order_relaxed);
   }
-  if (status.ok() && zero_new_) status = Zero(slot, extent.offset, extent.bytes);
+  // Only a fresh extent of this cache's pool is cleared: shared and
+  // imported memory holds the data it is mapped for.
+  if (status.ok() && zero_new_ && extent.origin == ExtentOrigin::kOwn &&
+      !extent.read_only) {
+    status = Zero(slot, extent.offset, extent.bytes);
+  }
   if (status.ok()) return status;
   for (int r = 0; r < mapped; ++r) {
     if (backend_->Unmap(Address(slot, r, extent.offset), bytes).ok()) {
@@ -51,7 +59,9 @@ absl::Status ExtentMapper::UnmapRegions(int slot, const Extent& extent,
     for (int back = 0; back < r; ++back) {
       absl::Status remap =
           backend_->Map(Address(slot, back, extent.offset),
-                        extent.handles[static_cast<std::size_t>(back)]);
+                        extent.handles[static_cast<std::size_t>(back)],
+                        extent.read_only ? MapAccess::kReadOnly
+                                         : MapAccess::kReadWrite);
       if (remap.ok()) {
         map_calls_.fetch_add(1, std::memory_order_relaxed);
         continue;
@@ -80,9 +90,170 @@ absl::Status ExtentMapper::Zero(int slot, std::int64_t offset,
   return status;
 }
 
+absl::Status ExtentMapper::Copy(int dst, int src, std::int64_t offset,
+                                std::int64_t bytes, Stream stream) {
+  absl::Status status;
+  for (int r = 0; r < geo_->num_regions() && status.ok(); ++r) {
+    status = backend_->CopyDeviceToDevice(
+        Address(dst, r, offset), Address(src, r, offset),
+        static_cast<std::size_t>(bytes), stream);
+    if (status.ok()) {
+      copy_calls_.fetch_add(1, std::memory_order_relaxed);
+      copied_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+    }
+  }
+  return status;
+}
+
+absl::Status ExtentMapper::SetAccessRegions(int slot, const Extent& extent,
+                                            int regions, MapAccess access) {
+  for (int r = 0; r < regions; ++r) {
+    VATTN_RETURN_IF_ERROR(
+        backend_->SetAccess(Address(slot, r, extent.offset),
+                            static_cast<std::size_t>(extent.bytes), access));
+    set_access_calls_.fetch_add(1, std::memory_order_relaxed);
+  }
+  return absl::OkStatus();
+}
+
+void ExtentMapper::LetGoLocked(Extent extent) {
+  switch (extent.origin) {
+    case ExtentOrigin::kOwn:
+      break;
+    case ExtentOrigin::kShared:
+      // The handles stay with whoever else holds them.
+      if (!ledger_.DropMapping(*extent.shared)) return;
+      break;
+    case ExtentOrigin::kExported:
+    case ExtentOrigin::kImported:
+      // Never pooled: another process holds (or made) the memory. Destroy
+      // fails only for a handle still mapped, which a let-go extent is not.
+      for (PhysicalHandle h : extent.handles) (void)backend_->Destroy(h);
+      return;
+  }
+  std::vector<PhysicalHandle> handles(extent.handles.begin(),
+                                      extent.handles.end());
+  pool_->Release(std::move(handles), static_cast<std::size_t>(extent.bytes));
+}
+
+void ExtentMapper::DropKeepLocked(SharedExtent& shared) {
+  if (!ledger_.DropKeep(shared)) return;
+  std::vector<PhysicalHandle> handles(shared.handles.begin(),
+                                      shared.handles.end());
+  pool_->Release(std::move(handles), static_cast<std::size_t>(shared.bytes));
+}
+
+absl::StatusOr<std::shared_ptr<SharedExtent>> ExtentMapper::ShareLocked(
+    internal::Mutex& mu, int slot, Slot& s, std::size_t index) {
+  Extent& extent = s.MutableExtent(index);
+  if (extent.origin == ExtentOrigin::kShared && extent.read_only) {
+    return extent.shared;
+  }
+  if (extent.origin != ExtentOrigin::kOwn &&
+      extent.origin != ExtentOrigin::kShared) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "slot %d: the extent at offset %d is exported or imported memory, "
+        "which cannot be shared",
+        slot, extent.offset));
+  }
+  // A kOwn extent marked read-only is one whose undo below failed: some of
+  // its regions may still be writable, so set them all again.
+  if (!extent.read_only || extent.origin == ExtentOrigin::kOwn) {
+    // The slot is busy (the caller marked it): its extents stay put while
+    // the lock is dropped.
+    const Extent copy = extent;
+    const int regions = geo_->num_regions();
+    mu.Unlock();
+    absl::Status status;
+    int done = 0;
+    for (; done < regions; ++done) {
+      status = backend_->SetAccess(Address(slot, done, copy.offset),
+                                   static_cast<std::size_t>(copy.bytes),
+                                   MapAccess::kReadOnly);
+      if (!status.ok()) break;
+      set_access_calls_.fetch_add(1, std::memory_order_relaxed);
+    }
+    bool undone = true;
+    if (!status.ok()) {
+      // Give back write access where this call took it.
+      undone = SetAccessRegions(slot, copy, done, MapAccess::kReadWrite).ok();
+    }
+    mu.Lock();
+    Extent& now = s.MutableExtent(index);
+    if (!status.ok()) {
+      // Some region is still read-only: the slot's next request must not
+      // be handed it (Slot::holds_shared), and the owner does not write
+      // below its prefix anyway.
+      if (!undone) now.read_only = true;
+      return status;
+    }
+    now.read_only = true;
+  }
+  Extent& now = s.MutableExtent(index);
+  if (now.origin == ExtentOrigin::kOwn) {
+    now.shared = ledger_.Make(now.handles, now.offset, now.bytes);
+    now.origin = ExtentOrigin::kShared;
+    ledger_.AddMapping(*now.shared);
+  }
+  return now.shared;
+}
+
+absl::Status ExtentMapper::MapExistingLocked(internal::Mutex& mu, int slot,
+                                             Slot& s, Extent extent) {
+  if (extent.offset != s.mapped_bytes() ||
+      extent.handles.size() != static_cast<std::size_t>(geo_->num_regions())) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "slot %d: an existing extent at offset %d (%d handles) must follow "
+        "the slot's mapped end %d with one handle per region (%d)",
+        slot, extent.offset, extent.handles.size(), s.mapped_bytes(),
+        geo_->num_regions()));
+  }
+  s.set_op(SlotOp::kMapping);
+  owner_->SlotOpChanged(slot, s);
+  absl::Status status;
+  if (!s.quarantine().empty()) {
+    status = RetryQuarantineLocked(mu, slot, s).status();
+    if (!status.ok()) {
+      status = absl::Status(
+          status.code(),
+          absl::StrFormat("slot %d: an extent in quarantine still blocks its "
+                          "range: %s",
+                          slot, status.message()));
+    }
+  }
+  std::vector<char> left_mapped;
+  if (status.ok()) {
+    mu.Unlock();
+    status = MapRegions(slot, extent, &left_mapped);
+    mu.Lock();
+  }
+  s.set_op(SlotOp::kNone);
+  owner_->SlotOpChanged(slot, s);
+  slot_cv_->SignalAll();
+  if (extent.origin == ExtentOrigin::kShared &&
+      (status.ok() || !left_mapped.empty())) {
+    // A mapping (or a quarantined, maybe-mapped one) holds a reference.
+    ledger_.AddMapping(*extent.shared);
+  }
+  if (!status.ok()) {
+    if (!left_mapped.empty()) {
+      Quarantine(slot, s, std::move(extent), std::move(left_mapped));
+    }
+    return status;
+  }
+  s.Append(std::move(extent));
+  owner_->SlotExtentsChanged(slot, s);
+  return absl::OkStatus();
+}
+
 absl::Status ExtentMapper::MapNextLocked(internal::Mutex& mu, int slot,
                                          Slot& s, std::int64_t preferred,
                                          std::int64_t minimum) {
+  // A prefix boundary ahead: this extent ends there.
+  if (const std::int64_t split = s.split_bytes(); split > s.mapped_bytes()) {
+    preferred = std::min(preferred, split - s.mapped_bytes());
+    minimum = std::min(minimum, preferred);
+  }
   s.set_op(SlotOp::kMapping);
   owner_->SlotOpChanged(slot, s);
   absl::Status status;
@@ -161,10 +332,9 @@ absl::StatusOr<std::int64_t> ExtentMapper::UnmapLastLocked(
     }
     return status;
   }
-  std::vector<PhysicalHandle> handles(extent.handles.begin(),
-                                      extent.handles.end());
-  pool_->Release(std::move(handles), static_cast<std::size_t>(extent.bytes));
-  return extent.bytes;
+  const std::int64_t bytes = extent.bytes;
+  LetGoLocked(std::move(extent));
+  return bytes;
 }
 
 absl::Status ExtentMapper::UnmapAllLocked(internal::Mutex& mu, int slot,
@@ -211,10 +381,8 @@ absl::StatusOr<std::int64_t> ExtentMapper::RetryQuarantineLocked(
       s.quarantine().push_back(std::move(q));
       continue;
     }
-    std::vector<PhysicalHandle> handles(q.extent.handles.begin(),
-                                        q.extent.handles.end());
-    pool_->Release(std::move(handles), static_cast<std::size_t>(q.extent.bytes));
     freed += q.extent.bytes;
+    LetGoLocked(std::move(q.extent));
   }
   owner_->SlotExtentsChanged(slot, s);
   if (!first.ok()) return first;

@@ -23,8 +23,10 @@
 #include "src/cache_geometry.h"
 #include "src/internal/mutex.h"
 #include "src/physical_pool.h"
+#include "src/shared_extent.h"
 #include "src/slot.h"
 #include "vattn/backend.h"
+#include "vattn/stream.h"
 
 namespace vattn {
 
@@ -68,8 +70,40 @@ class ExtentMapper {
   // quarantine is retried first: while it is not empty, its unmap error is
   // returned and nothing is mapped. On error nothing is mapped or held,
   // except an extent whose rollback failed: that one is quarantined.
+  // With a prefix boundary (Slot::split_bytes) above the slot's mapped end,
+  // the extent ends at the boundary (both sizes are capped there).
   absl::Status MapNextLocked(internal::Mutex& mu, int slot, Slot& s,
                              std::int64_t preferred, std::int64_t minimum)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Maps handles the caller already holds (extent.handles, one per region)
+  // at extent.offset of every region (read-only when extent.read_only) and
+  // appends the extent to the slot's books, backing; extent.offset must be
+  // the slot's mapped end (InvalidArgument otherwise). A kShared extent
+  // gains a mapping reference when it commits. Same busy-marking, lock
+  // dropping and quarantine rules as MapNextLocked. On error nothing is
+  // mapped and the handles stay the caller's, except when the rollback
+  // failed too: then the extent is quarantined (it holds a mapping
+  // reference until its unmap succeeds). Never zeroes the memory.
+  absl::Status MapExistingLocked(internal::Mutex& mu, int slot, Slot& s,
+                                 Extent extent)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // The one place that decides where an extent's handles go once a slot
+  // (or a prefix home) no longer maps it: kOwn to the pool; kShared drops
+  // one mapping reference and the last reference pools the handles;
+  // kExported and kImported are destroyed (Backend::Destroy). Call it with
+  // the cache lock held (it reads the shared records); only kExported and
+  // kImported make driver calls.
+  void LetGoLocked(Extent extent);
+  // Drops a cached prefix's reference to a shared extent; the last
+  // reference pools its handles. Cache lock held.
+  void DropKeepLocked(SharedExtent& shared);
+  // Makes the slot's extent `index` (backing, not busy elsewhere; the slot
+  // is marked busy by the caller) shared in place: a kOwn extent gets a
+  // record (one mapping: this slot's) and is set read-only in every region
+  // (SetAccess, with the lock dropped; a failure sets back what it changed
+  // and leaves the extent as it was). Returns the record.
+  absl::StatusOr<std::shared_ptr<SharedExtent>> ShareLocked(
+      internal::Mutex& mu, int slot, Slot& s, std::size_t index)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // What UnmapLastLocked does with an extent whose unmap failed but whose
   // rollback mapped it back whole.
@@ -99,6 +133,38 @@ class ExtentMapper {
   // ---- Driver work, without the cache lock.
   // Zeroes [offset, offset + bytes) of every region of the slot.
   absl::Status Zero(int slot, std::int64_t offset, std::int64_t bytes);
+  // Copies [offset, offset + bytes) of every region of slot `src` to the
+  // same range of slot `dst` (CopyDeviceToDevice, ordered on `stream`).
+  absl::Status Copy(int dst, int src, std::int64_t offset, std::int64_t bytes,
+                    Stream stream);
+  // SetAccess of the extent's regions [0, regions) of `slot` to `access`;
+  // stops at the first error.
+  absl::Status SetAccessRegions(int slot, const Extent& extent, int regions,
+                                MapAccess access);
+  // Maps (unmaps) the extent in every region of `slot` (a slot or a prefix
+  // home), with rollback: see the private helpers' contract below.
+  absl::Status MapExtent(int slot, const Extent& extent,
+                         std::vector<char>* left_mapped) {
+    return MapRegions(slot, extent, left_mapped);
+  }
+  absl::Status UnmapExtent(int slot, const Extent& extent,
+                           std::vector<char>* left_mapped) {
+    return UnmapRegions(slot, extent, left_mapped);
+  }
+
+  // Prefix homes: `count` pseudo-slots numbered from `first` (max_slots),
+  // laid out like slots (region-major, one stride each) in a reservation
+  // of their own at `base`. Set once, before any home is used, under the
+  // cache lock.
+  void SetHomes(int first, DevicePtr base, int count) {
+    first_home_ = first;
+    home_base_ = base;
+    homes_.store(count, std::memory_order_release);
+  }
+
+  // Shared extents' totals (guarded by the cache lock).
+  SharedLedger& ledger() { return ledger_; }
+  const SharedLedger& ledger() const { return ledger_; }
 
   std::int64_t map_calls() const {
     return map_calls_.load(std::memory_order_relaxed);
@@ -106,12 +172,34 @@ class ExtentMapper {
   std::int64_t unmap_calls() const {
     return unmap_calls_.load(std::memory_order_relaxed);
   }
+  std::int64_t set_access_calls() const {
+    return set_access_calls_.load(std::memory_order_relaxed);
+  }
+  std::int64_t copy_calls() const {
+    return copy_calls_.load(std::memory_order_relaxed);
+  }
+  // Bytes per region copied by Copy.
+  std::int64_t copied_bytes() const {
+    return copied_bytes_.load(std::memory_order_relaxed);
+  }
 
  private:
   DevicePtr Address(int slot, int region, std::int64_t offset) const {
+    // Only slots past max_slots read the home fields, and only after the
+    // cache published them (the acquire pairs with SetHomes' release).
+    const int homes = homes_.load(std::memory_order_acquire);
+    if (homes > 0 && slot >= first_home_) {
+      const std::int64_t home = slot - first_home_;
+      return home_base_ +
+             static_cast<DevicePtr>(
+                 (static_cast<std::int64_t>(region) * homes + home) *
+                     geo_->region_stride() +
+                 offset);
+    }
     return base_ +
            static_cast<DevicePtr>(geo_->RegionOffset(slot, region) + offset);
   }
+
   // Maps the extent's handles in every region (and zeroes them if asked).
   // On error unmaps what it mapped; *left_mapped is empty when that worked,
   // else it flags the regions that may still be mapped.
@@ -134,6 +222,15 @@ class ExtentMapper {
   ExtentMapperOwner* const owner_;
   std::atomic<std::int64_t> map_calls_{0};
   std::atomic<std::int64_t> unmap_calls_{0};
+  std::atomic<std::int64_t> set_access_calls_{0};
+  std::atomic<std::int64_t> copy_calls_{0};
+  std::atomic<std::int64_t> copied_bytes_{0};
+  // Prefix homes (SetHomes): written once, published by the release store
+  // of homes_.
+  int first_home_ = 0;
+  DevicePtr home_base_ = 0;
+  std::atomic<int> homes_{0};
+  SharedLedger ledger_;  // Guarded by the cache lock.
 };
 
 }  // namespace vattn

@@ -130,6 +130,11 @@ absl::StatusOr<int> KVCache::Impl::AllocSlotLocked(std::int64_t expected_tokens,
     state_cv.Wait(&mu);
   }
   Slot& s = At(best);
+  if (s.holds_shared()) {
+    // Read-only memory another request shares (prefix sharing): the new
+    // request must not be handed it. The slot gives it all back first.
+    VATTN_RETURN_IF_ERROR(ClearSharedLocked(best));
+  }
   if (opts.zero_on_reuse && s.written() && s.mapped_bytes() > 0) {
     SetOpLocked(best, SlotOp::kZeroing);
     absl::Status status = WaitFencesLocked(s);
@@ -224,6 +229,7 @@ absl::Status KVCache::Impl::FreeLocked(int slot, std::optional<Stream> fence) {
   active_tokens.fetch_sub(s.length(), std::memory_order_relaxed);
   s.Deactivate();
   --active_count;
+  PrefixSlotFreedLocked(slot);
   placement.OnSlotIdle(slot);
   BooksChangedLocked(slot);
   if (opts.defer_reclaim) return absl::OkStatus();
@@ -400,6 +406,12 @@ CacheStats KVCache::Stats() const {
     out.idle_slots_with_memory = m.totals.idle_with_memory;
     out.logical_bytes = m.active_tokens.load(std::memory_order_relaxed) *
                         m.geo.bytes_per_token();
+    const SharedLedger& ledger = m.mapper->ledger();
+    out.shared_bytes = ledger.shared_bytes() * regions;
+    out.shared_saved_bytes = ledger.saved_bytes() * regions;
+    out.cached_prefixes = static_cast<std::int64_t>(m.prefixes.size());
+    out.cached_prefix_bytes =
+        (ledger.kept_bytes() + m.prefixes.tail_bytes()) * regions;
     // Under the cache lock, so a handle moving between a slot and the pool
     // (which happens in two steps, the slot's side under this lock) is
     // never counted on both sides.
@@ -417,6 +429,8 @@ CacheStats KVCache::Stats() const {
   out.background_caller_wakeups = worker.woken_by_callers;
   out.map_calls = m.mapper->map_calls();
   out.unmap_calls = m.mapper->unmap_calls();
+  out.copy_calls = m.mapper->copy_calls();
+  out.set_access_calls = m.mapper->set_access_calls();
   return out;
 }
 

@@ -57,6 +57,7 @@ absl::Status KVCache::Impl::Init() {
   {
     MutexLock lock(&mu);
     stats.budget_bytes = budget;
+    prefixes.Init(opts.max_slots, opts.max_prefixes);
   }
   if (opts.prealloc_handles > 0) {
     const std::int64_t size =
@@ -109,6 +110,8 @@ void KVCache::Impl::Shutdown() {
       first.Update(mapper->RetryQuarantineLocked(mu, i, s).status());
       SetOpLocked(i, SlotOp::kNone);
     }
+    // Cached prefixes keep shared extents and tails: theirs go last.
+    first.Update(ShutdownPrefixesLocked());
   }
   const Tally left = totals;
   mu.Unlock();
@@ -229,6 +232,10 @@ absl::StatusOr<std::int64_t> KVCache::Impl::ReclaimOne(std::int64_t need) {
         },
         &wait, need);
     if (victim < 0) {
+      // No idle slot holds memory: cached prefixes nobody uses go next.
+      VATTN_ASSIGN_OR_RETURN(std::int64_t evicted,
+                             EvictPrefixForMemoryLocked());
+      if (evicted > 0) return evicted;
       if (!wait) return 0;
       state_cv.Wait(&mu);
       continue;

@@ -51,6 +51,7 @@
 #include "src/memory_arbiter.h"
 #include "src/physical_pool.h"
 #include "src/placement.h"
+#include "src/prefix_cache.h"
 #include "src/slot.h"
 #include "vattn/kv_cache.h"
 #include "vattn/status.h"
@@ -283,6 +284,74 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
   // Nanoseconds the thread still backs off for (0: not backing off).
   std::int64_t BackoffLeftLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
 
+  // ---- Prefix sharing (prefix_sharing.cc) ---------------------------------
+  // The slot's memory holds shared or read-only extents a new request must
+  // not write: unmap all of it (waiting for its fences). The slot is idle
+  // and not busy; it stays so. On error some extents may be gone, the rest
+  // still mapped, the books consistent.
+  absl::Status ClearSharedLocked(int slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // The slot's request ended: the prefix it was started from loses a user.
+  void PrefixSlotFreedLocked(int slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Reclamation's last resort: evicts least recently used cached prefixes
+  // no request uses until some memory went back to the pool; returns the
+  // bytes per region freed (0: nothing could be evicted).
+  absl::StatusOr<std::int64_t> EvictPrefixForMemoryLocked()
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Teardown: forgets every cached prefix and gives back its memory and
+  // the homes' reservation (errors are returned, the rest still goes).
+  absl::Status ShutdownPrefixesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Bodies of the public calls.
+  absl::Status KeepPrefixLocked(int slot, std::int64_t tokens,
+                                std::uint64_t id, Stream stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  absl::StatusOr<int> AllocWithPrefixLocked(std::uint64_t id,
+                                            std::int64_t tokens,
+                                            std::int64_t expected_tokens,
+                                            Stream stream, bool* wake)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  absl::StatusOr<int> ForkLocked(int slot, Stream stream, bool* wake)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  absl::Status DropPrefixLocked(std::uint64_t id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Takes an idle slot for a request that maps shared memory from offset 0:
+  // chosen as AllocSlot would (preferring one holding nothing), emptied,
+  // and left busy (kMapping) for the caller. ResourceExhausted: every slot
+  // is active.
+  absl::StatusOr<int> TakeEmptySlotLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Maps `whole` (read-only) then one fresh extent covering [whole_end,
+  // whole_end + minimum..preferred) into the busy, empty slot, copies
+  // [whole_end, whole_end + copy_bytes) from `copy_src` (a slot or a home
+  // index past max_slots) into it, and commits the lot to the slot's books;
+  // all or nothing. `temp_src`, when set, is mapped (read-only) at copy_src
+  // for the copy and unmapped after it completes.
+  absl::Status ComposeLocked(int slot,
+                             const std::vector<std::shared_ptr<SharedExtent>>&
+                                 whole,
+                             std::int64_t whole_end, std::int64_t minimum,
+                             std::int64_t preferred, int copy_src,
+                             std::int64_t copy_bytes, const Extent* temp_src,
+                             Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // The slot is busy with a composed request: activate it with length
+  // `tokens` and hint `hint`.
+  void ActivateComposedLocked(int slot, std::int64_t tokens, std::int64_t hint,
+                              bool* wake) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Unmaps a prefix's tail from its home (waiting for its fences) and gives
+  // the tail's handles and home back. On error the prefix keeps them.
+  absl::Status UnmapTailLocked(CachedPrefix& p)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Gives back a removed prefix's references (the last ones pool the
+  // handles); returns the bytes per region that went back to the pool.
+  std::int64_t ReleasePrefixLocked(CachedPrefix& p)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Undoes a share this call made of a slot's own extent (its record has
+  // only that slot's mapping): back to kOwn, read-only unless `writable`.
+  void UnshareLocked(Extent& e, bool writable)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Reserves the homes' range at the first use. ResourceExhausted when
+  // max_prefixes is 0.
+  absl::Status EnsureHomesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  int HomeSlot(int home) const { return opts.max_slots + home; }
+
   // ---- Constant after construction ----------------------------------------
   const KVCacheOptions opts;
   const std::shared_ptr<Backend> backend;
@@ -323,6 +392,9 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
   };
   std::vector<Tally> tallies ABSL_GUARDED_BY(mu);
   Tally totals ABSL_GUARDED_BY(mu);
+  PrefixCache prefixes ABSL_GUARDED_BY(mu);
+  DevicePtr home_base ABSL_GUARDED_BY(mu) = 0;  // 0: not reserved yet.
+  std::size_t home_bytes ABSL_GUARDED_BY(mu) = 0;
   // Sum of the slots' lengths (Step's fast path adds to it without mu).
   std::atomic<std::int64_t> active_tokens{0};
   std::atomic<std::int64_t> step_calls{0};

@@ -110,6 +110,11 @@ absl::Status KVCacheOptions::Validate() const {
         "KVCacheOptions.min_extent_bytes (%d) exceeds max_extent_bytes (%d)",
         min_extent_bytes, max_extent_bytes));
   }
+  if (max_prefixes < 0 || max_prefixes > (1 << 20)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KVCacheOptions.max_prefixes must be in [0, %d], got %d", 1 << 20,
+        max_prefixes));
+  }
   if (prealloc_handles < 0) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "KVCacheOptions.prealloc_handles must be >= 0, got %d",

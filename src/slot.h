@@ -7,20 +7,40 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
 #include "absl/container/inlined_vector.h"
+#include "src/shared_extent.h"
 #include "vattn/backend.h"
 
 namespace vattn {
 
+// Who owns an extent's handles, and so what happens when a slot lets go of
+// it (ExtentMapper::LetGoLocked is the one place that decides).
+enum class ExtentOrigin : std::uint8_t {
+  kOwn,       // This cache's pool (the only case before): pooled on release.
+  kShared,    // Mapped at several places (prefix sharing): the handles live
+              // in a refcounted record (`shared`); a slot letting go drops
+              // one reference, the last one pools the handles.
+  kExported,  // Handed to another process: destroyed on release, never
+              // pooled, reused, adopted as surplus, zeroed or reclaimed
+              // into the pool.
+  kImported,  // Another process's memory: destroyed (released) on release;
+              // the kernel/driver keeps it alive while the peer maps it.
+};
+
 // One physical extent: the same byte range [offset, offset + bytes) of every
-// region of a slot, one handle per region, each mapped whole.
+// region of a slot, one handle per region, each mapped whole. The kOwn case
+// allocates nothing beyond the handles (no record is made for it).
 struct Extent {
   std::int64_t offset = 0;
   std::int64_t bytes = 0;  // Per region.
   absl::InlinedVector<PhysicalHandle, 2> handles;
+  ExtentOrigin origin = ExtentOrigin::kOwn;
+  bool read_only = false;  // Mapped (or set) with MapAccess::kReadOnly.
+  std::shared_ptr<SharedExtent> shared;  // kShared only.
 };
 
 // An extent whose mapping state a failed unmap (or failed rollback) left
@@ -106,6 +126,22 @@ class alignas(64) Slot {
   // Changes each time a request takes the slot, so a thread that dropped
   // the lock can tell that the request it served has gone.
   std::uint64_t request() const { return request_; }
+  // The request's prefix boundary (AllocSlot/Grow's split_at_tokens), in
+  // bytes per region rounded down to the granularity: an extent mapped
+  // below it ends at it, so the prefix can be shared whole. 0: none.
+  std::int64_t split_bytes() const { return split_bytes_; }
+  void set_split_bytes(std::int64_t bytes) { split_bytes_ = bytes; }
+  // Some extent of the slot is shared (kShared) or read-only: memory a new
+  // request placed here must not write.
+  bool holds_shared() const {
+    for (const Extent& e : extents_) {
+      if (e.origin != ExtentOrigin::kOwn || e.read_only) return true;
+    }
+    return false;
+  }
+  // The extent at `index` became shared (and read-only) in place: its
+  // mapping did not move, only its books.
+  Extent& MutableExtent(std::size_t index) { return extents_[index]; }
 
   // A new request takes the slot: it backs the extents up to the one that
   // covers `backed_bytes` (an extent cannot be split).
@@ -119,6 +155,7 @@ class alignas(64) Slot {
     backing_extents_ = n;
     backing_bytes_.Set(bytes);
     written_ = false;  // AllocSlot cleared it first when it had to.
+    split_bytes_ = 0;
     ++request_;
     length_.Set(0);
     hint_.Set(hint);
@@ -130,6 +167,7 @@ class alignas(64) Slot {
     state_.Set(SlotState::kIdle);
     length_.Set(0);
     hint_.Set(0);
+    split_bytes_ = 0;
     backing_extents_ = static_cast<int>(extents_.size());
     backing_bytes_.Set(mapped_bytes_);
   }
@@ -184,6 +222,7 @@ class alignas(64) Slot {
   SlotOp op_ = SlotOp::kNone;
   bool written_ = false;
   std::uint64_t request_ = 0;
+  std::int64_t split_bytes_ = 0;
   int backing_extents_ = 0;
   std::int64_t mapped_bytes_ = 0;
   std::vector<Extent> extents_;  // In offset order.

@@ -22,10 +22,17 @@
 //    mapping of the handle is live; the handle stays usable.
 //  * Mappings. Map(va, handle) maps the whole handle at [va, va + size) with
 //    read-write access for the backend's device (cuMemMap + cuMemSetAccess
-//    on CUDA: one call from the caller's view). The range must lie inside one
-//    reservation (InvalidArgument) and overlap no live mapping
-//    (FailedPrecondition). Unmap(va, bytes) must cover exactly what one Map
-//    covered (InvalidArgument otherwise); it leaves the range reserved.
+//    on CUDA: one call from the caller's view); Map(va, handle,
+//    MapAccess::kReadOnly) maps it read-only (PROT_READ on Host,
+//    CU_MEM_ACCESS_FLAGS_PROT_READ on CUDA: a write through it faults
+//    instead of changing the memory). SetAccess(va, bytes, access) changes
+//    the access of exactly one live mapping without unmapping it. The range
+//    must lie inside one reservation (InvalidArgument) and overlap no live
+//    mapping (FailedPrecondition). Unmap(va, bytes) must cover exactly what
+//    one Map covered (InvalidArgument otherwise); it leaves the range
+//    reserved. Zero, CopyToDevice and CopyDeviceToDevice refuse a
+//    destination range that touches a read-only mapping (PermissionDenied,
+//    naming the address).
 //  * Failure. A call that returns an error changes nothing: counters, live
 //    objects and memory are exactly as before the call. Out of memory (device
 //    memory, or the Host backend's physical limit) is ResourceExhausted;
@@ -81,8 +88,14 @@ inline constexpr PhysicalHandle kInvalidHandle = 0;
 using FenceId = std::uint64_t;
 inline constexpr FenceId kCompletedFence = 0;
 
+// How a mapping may be accessed by the backend's device (and, on Host, the
+// CPU). Read-only mappings hold memory other requests share (prefix
+// sharing): a write through one faults (SIGSEGV on Host) instead of
+// corrupting another request's keys and values.
+enum class MapAccess : std::uint8_t { kReadWrite, kReadOnly };
 
-// The six calls that change memory state, for counters and fault injection.
+
+// The calls that change memory state, for counters and fault injection.
 enum class BackendOp : int {
   kReserve = 0,
   kRelease,
@@ -90,8 +103,9 @@ enum class BackendOp : int {
   kDestroy,
   kMap,
   kUnmap,
+  kSetAccess,  // Appended: the indices above are stable.
 };
-inline constexpr int kNumBackendOps = 6;
+inline constexpr int kNumBackendOps = 7;
 VATTN_EXPORT const char* BackendOpName(BackendOp op);
 
 struct BackendCapabilities {
@@ -194,7 +208,18 @@ class VATTN_EXPORT Backend {
   // Maps the whole handle at va, read-write. InvalidArgument: unknown handle,
   // va unaligned or the range not inside one reservation.
   // FailedPrecondition: the range overlaps a live mapping.
-  absl::Status Map(DevicePtr va, PhysicalHandle handle);
+  absl::Status Map(DevicePtr va, PhysicalHandle handle,
+                   MapAccess access = MapAccess::kReadWrite);
+  // Changes the access of the live mapping that starts at va and covers
+  // exactly `bytes` (one Map's range), in place: one cuMemSetAccess on CUDA
+  // (its cost, ~32-46 us per 2 MiB handle), one mprotect on Host.
+  // InvalidArgument: (va, bytes) is not exactly one mapping.
+  // FailedPrecondition: the mapping is busy in another call (a Zero or copy
+  // running on it, a racing Unmap or SetAccess).
+  absl::Status SetAccess(DevicePtr va, std::size_t bytes, MapAccess access);
+  // The access a live mapping starting at va was given; InvalidArgument when
+  // no mapping starts there.
+  absl::StatusOr<MapAccess> AccessOf(DevicePtr va) const;
   // Unmaps exactly what one Map covered. InvalidArgument otherwise.
   absl::Status Unmap(DevicePtr va, std::size_t bytes);
 
@@ -206,6 +231,16 @@ class VATTN_EXPORT Backend {
   absl::Status Zero(DevicePtr va, std::size_t bytes);
   absl::Status CopyToDevice(DevicePtr dst, const void* src, std::size_t bytes);
   absl::Status CopyFromDevice(void* dst, DevicePtr src, std::size_t bytes);
+  // Copies `bytes` from mapped memory at src to mapped memory at dst (the
+  // ranges must not overlap: InvalidArgument). Ordered on `stream`: on a
+  // backend with streams (CUDA) it is enqueued after the work queued so far
+  // on `stream` (cuMemcpyDtoDAsync) and later work on `stream` sees its
+  // result; it may still run when the call returns, so the caller keeps
+  // both ranges mapped until a fence recorded on `stream` after it has
+  // completed. Without streams (Host) it has completed when the call
+  // returns. PermissionDenied: dst touches a read-only mapping.
+  absl::Status CopyDeviceToDevice(DevicePtr dst, DevicePtr src,
+                                  std::size_t bytes, Stream stream = Stream{});
 
   // Records a fence after the work queued so far on `stream` (vattn/stream.h;
   // Stream{} is the legacy default stream). Backends without streams return
@@ -236,7 +271,11 @@ class VATTN_EXPORT Backend {
   virtual absl::Status DoDestroy(PhysicalHandle handle,
                                  std::size_t bytes) = 0;
   virtual absl::Status DoMap(DevicePtr va, PhysicalHandle handle,
-                             std::size_t bytes) = 0;
+                             std::size_t bytes, MapAccess access) = 0;
+  // Changes one live mapping's access. The default returns Unimplemented
+  // (a backend that cannot change access in place).
+  virtual absl::Status DoSetAccess(DevicePtr va, std::size_t bytes,
+                                   MapAccess access);
   // Export hooks; the defaults return Unimplemented. DoImportHandle must
   // return a handle no live handle of this backend uses.
   virtual absl::StatusOr<int> DoExportHandle(PhysicalHandle handle,
@@ -247,6 +286,10 @@ class VATTN_EXPORT Backend {
   virtual absl::Status DoZero(DevicePtr va, std::size_t bytes) = 0;
   virtual absl::Status DoCopyToDevice(DevicePtr dst, const void* src,
                                       std::size_t bytes) = 0;
+  // The default stages through host memory (DoCopyFromDevice then
+  // DoCopyToDevice, synchronous); backends override it with a device copy.
+  virtual absl::Status DoCopyDeviceToDevice(DevicePtr dst, DevicePtr src,
+                                            std::size_t bytes, Stream stream);
   virtual absl::Status DoCopyFromDevice(void* dst, DevicePtr src,
                                         std::size_t bytes) = 0;
   // Fence hooks; the defaults suit backends without streams.
@@ -261,7 +304,10 @@ class VATTN_EXPORT Backend {
   absl::Status CheckSize(const char* what, std::size_t bytes) const;
   // Data calls pin the mappings they touch so a racing Unmap fails with
   // FailedPrecondition instead of pulling memory from under the copy.
-  absl::Status PinMapped(const char* what, DevicePtr va, std::size_t bytes);
+  // `for_write`: the call writes the range, so a read-only mapping in it
+  // is PermissionDenied.
+  absl::Status PinMapped(const char* what, DevicePtr va, std::size_t bytes,
+                         bool for_write = false);
   void Unpin(DevicePtr va, std::size_t bytes);
   void CountFailure();
 

@@ -40,8 +40,12 @@ class VATTN_EXPORT BackendWrapper : public Backend {
   absl::Status DoRelease(DevicePtr va, std::size_t bytes) override;
   absl::StatusOr<PhysicalHandle> DoCreate(std::size_t bytes) override;
   absl::Status DoDestroy(PhysicalHandle handle, std::size_t bytes) override;
-  absl::Status DoMap(DevicePtr va, PhysicalHandle handle,
-                     std::size_t bytes) override;
+  absl::Status DoMap(DevicePtr va, PhysicalHandle handle, std::size_t bytes,
+                     MapAccess access) override;
+  absl::Status DoSetAccess(DevicePtr va, std::size_t bytes,
+                           MapAccess access) override;
+  absl::Status DoCopyDeviceToDevice(DevicePtr dst, DevicePtr src,
+                                    std::size_t bytes, Stream stream) override;
   absl::Status DoUnmap(DevicePtr va, std::size_t bytes) override;
   absl::StatusOr<int> DoExportHandle(PhysicalHandle handle,
                                      std::size_t bytes) override;

@@ -63,8 +63,10 @@ class VATTN_EXPORT FaultInjectionBackend : public BackendWrapper {
   absl::Status DoRelease(DevicePtr va, std::size_t bytes) override;
   absl::StatusOr<PhysicalHandle> DoCreate(std::size_t bytes) override;
   absl::Status DoDestroy(PhysicalHandle handle, std::size_t bytes) override;
-  absl::Status DoMap(DevicePtr va, PhysicalHandle handle,
-                     std::size_t bytes) override;
+  absl::Status DoMap(DevicePtr va, PhysicalHandle handle, std::size_t bytes,
+                     MapAccess access) override;
+  absl::Status DoSetAccess(DevicePtr va, std::size_t bytes,
+                           MapAccess access) override;
   absl::Status DoUnmap(DevicePtr va, std::size_t bytes) override;
 
  private:

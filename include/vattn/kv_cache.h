@@ -85,6 +85,17 @@ struct SlotInfo {
   int extents = 0;
 };
 
+// A snapshot of one cached prefix (KVCache::GetPrefix).
+struct PrefixInfo {
+  std::int64_t tokens = 0;
+  // Physical bytes (all tensors) it keeps: its whole extents and its tail.
+  std::int64_t bytes = 0;
+  std::int64_t tail_bytes = 0;  // Of which the copied tail.
+  int whole_extents = 0;        // Extents aliased by every request using it.
+  int users = 0;                // Active slots sharing its memory now.
+  std::int64_t hits = 0;        // AllocSlotWithPrefix calls that used it.
+};
+
 // Tag for KVCache::Free: the caller has made sure that no GPU work still
 // reads the slot (it synchronised the streams itself), so no fence is
 // recorded and reclamation may unmap the memory at once.
@@ -144,6 +155,18 @@ class VATTN_EXPORT KVCache {
   // InvalidArgument: expected_tokens < 0. OutOfRange: above max_tokens.
   // ResourceExhausted: every slot is active.
   absl::StatusOr<int> AllocSlot(std::int64_t expected_tokens = 0);
+  // AllocSlot, with the prefix boundary of the prompt the engine knows
+  // (`split_at_tokens`, e.g. the system prompt's length; 0: none): the slot's
+  // memory is mapped as one extent up to that boundary, rounded down to the
+  // granularity, and separate extents after it, so KeepPrefix(slot,
+  // split_at_tokens, id) can later share the prefix whole (see "Prefix
+  // sharing" below). Costs one more map per request when the prefix does
+  // not end on the first extent's end anyway. The boundary holds for the
+  // request's life (Grow, Step and the map-ahead thread respect it).
+  // InvalidArgument: split_at_tokens < 0 or expected_tokens < 0. OutOfRange:
+  // either above max_tokens. ResourceExhausted as AllocSlot.
+  absl::StatusOr<int> AllocSlot(std::int64_t expected_tokens,
+                                std::int64_t split_at_tokens);
 
   // Backs tokens [0, tokens) of the slot and sets its length to
   // max(length, tokens). Maps at most one new extent per call (more only if
@@ -152,6 +175,12 @@ class VATTN_EXPORT KVCache {
   // active. ResourceExhausted: the budget cannot hold the extent even after
   // reclaiming idle slots; the slot is then unchanged.
   absl::Status Grow(int slot, std::int64_t tokens);
+  // Grow, setting the slot's prefix boundary first (see AllocSlot(expected,
+  // split_at_tokens)); a boundary at or below what the slot already maps
+  // changes nothing there. Errors as Grow; also InvalidArgument for
+  // split_at_tokens < 0 and OutOfRange above max_tokens.
+  absl::Status Grow(int slot, std::int64_t tokens,
+                    std::int64_t split_at_tokens);
 
   // Lowers the slot's logical length; unmaps nothing. InvalidArgument: bad
   // slot, tokens < 0 or above the length. FailedPrecondition: not active.
@@ -193,6 +222,80 @@ class VATTN_EXPORT KVCache {
   // FailedPrecondition for a slot that is not active. Mapping errors as
   // Grow's, for the first failing request; requests before it stay grown.
   absl::StatusOr<StepResult> Step(absl::Span<const StepRequest> batch);
+
+  // ---- Prefix sharing (docs/DESIGN.md, "Prefix sharing") ----------------
+  // A request's first tokens can be another request's, without a copy: the
+  // slots map the same physical extents, read-only, and their views read
+  // them as their own contiguous KV (unchanged kernels). The engine owns
+  // hashing and matching (it names prefixes by a 64-bit id); vattn owns the
+  // memory. Whole extents inside the shared tokens are aliased (one map per
+  // extent per region, no copy); the tokens of an extent that is only partly
+  // shared (the tail) are copied into a fresh extent of the new slot
+  // (copy-on-write at share time: the backend's CopyDeviceToDevice, on the
+  // call's `stream` on CUDA). The shared part is read-only for every slot
+  // that maps it, the owner included: a write through it faults (SIGSEGV on
+  // Host, a device fault on CUDA) and the backend's copy calls refuse it
+  // (PermissionDenied). A shared extent counts once in physical bytes and in
+  // the budget. A cached prefix no active request uses is reclaimable, with
+  // the idle slots, when memory is needed (CacheStats::prefix_evictions);
+  // memory an active slot maps is never taken from it.
+  //
+  // Keeps tokens [0, tokens) of an active slot as a cached prefix named
+  // `prefix_id`, which outlives the slot's request. The slot's extents
+  // inside [0, tokens) become shared and read-only in the slot too (one
+  // SetAccess per extent and region the first time); the tokens of the
+  // extent that holds token `tokens - 1` but also later ones (the tail) are
+  // copied once into memory the prefix keeps (one map and one copy per
+  // region). The engine must have written the tokens: the copy is ordered
+  // on `stream` (KeepPrefix(slot, tokens, id) uses the legacy default
+  // stream, as Free(slot) does). The slot may keep growing and writing
+  // tokens >= `tokens` as before.
+  // InvalidArgument: bad slot, tokens < 1. OutOfRange: tokens above the
+  // slot's length or max_tokens. FailedPrecondition: the slot is not
+  // active. AlreadyExists: `prefix_id` names a cached prefix already.
+  // ResourceExhausted: the tail's memory does not fit the budget even after
+  // reclaiming, or max_prefixes prefixes are cached and none can be
+  // evicted. Any failure leaves the cache as it was (a SetAccess done
+  // before the failure is undone).
+  absl::Status KeepPrefix(int slot, std::int64_t tokens,
+                          std::uint64_t prefix_id);
+  absl::Status KeepPrefix(int slot, std::int64_t tokens,
+                          std::uint64_t prefix_id, Stream stream);
+  // Starts a request whose first `tokens` tokens (up to the prefix's length)
+  // are the prefix's, with length `tokens`: its slot maps the prefix's
+  // whole extents read-only and a fresh extent that the tail is copied into
+  // (ordered on `stream`), backed to max(tokens, expected_tokens); tokens
+  // past the prefix's length are backed but hold nothing yet (the engine
+  // prefills them). Counts a prefix hit and marks the prefix recently used.
+  // The slot is chosen as AllocSlot chooses one (its earlier memory is
+  // unmapped first if it does not fit).
+  // InvalidArgument: tokens < 1 or expected_tokens < 0. OutOfRange: either
+  // above max_tokens. NotFound: no cached prefix has this id (never kept,
+  // dropped or evicted). ResourceExhausted: every slot is active, or the
+  // budget cannot hold the tail even after reclaiming; nothing changed then.
+  absl::StatusOr<int> AllocSlotWithPrefix(std::uint64_t prefix_id,
+                                          std::int64_t tokens,
+                                          std::int64_t expected_tokens = 0);
+  absl::StatusOr<int> AllocSlotWithPrefix(std::uint64_t prefix_id,
+                                          std::int64_t tokens,
+                                          std::int64_t expected_tokens,
+                                          Stream stream);
+  // Forgets a cached prefix. Slots that share its memory keep it (the
+  // memory goes back when the last of them lets go of it); later
+  // AllocSlotWithPrefix calls with this id return NotFound. NotFound: no
+  // cached prefix has this id.
+  absl::Status DropPrefix(std::uint64_t prefix_id);
+  // Starts a request sharing every token of an active one (parallel
+  // sampling, beam search): the new slot has the same length, maps the
+  // source's whole extents inside it read-only (the source's own mapping of
+  // them turns read-only too) and a fresh extent holding a copy of the
+  // partly filled last extent's tokens (ordered on `stream`). Both requests
+  // then grow independently. InvalidArgument: bad slot. FailedPrecondition:
+  // the slot is not active. ResourceExhausted as AllocSlotWithPrefix.
+  absl::StatusOr<int> Fork(int slot);
+  absl::StatusOr<int> Fork(int slot, Stream stream);
+  // A snapshot of one cached prefix; NotFound for an unknown id.
+  absl::StatusOr<PrefixInfo> GetPrefix(std::uint64_t prefix_id) const;
 
   // Views of layer `layer`'s K and V for all slots. An empty view (data ==
   // nullptr) for a layer outside [0, num_layers).

@@ -34,6 +34,7 @@ struct VATTN_EXPORT LatencyCosts {
   CallCost destroy;
   CallCost map;  // cuMemMap + cuMemSetAccess.
   CallCost unmap;
+  CallCost set_access;  // cuMemSetAccess on a live mapping.
   // Fitted to the medians measured on an H200 (driver 580, CUDA 13) in
   // DESIGN.md: 2 MiB, 128 MiB and 512 MiB handles.
   static LatencyCosts H200();

@@ -102,6 +102,15 @@ struct KVCacheOptions {
   // memset of the reused bytes at AllocSlot and of every newly mapped extent.
   bool zero_on_reuse = false;
 
+  // ---- Prefix sharing ---------------------------------------------------------
+  // Cached prefixes (KVCache::KeepPrefix) held at once. Each may keep a tail
+  // extent mapped in a reserved range of its own (virtual space, reserved at
+  // the first KeepPrefix: max_prefixes x the slots' stride, nearly free);
+  // a KeepPrefix beyond the limit evicts the least recently used prefix no
+  // request uses. 0 turns prefix sharing off (KeepPrefix is
+  // ResourceExhausted; Fork still works).
+  int max_prefixes = 64;
+
   // ---- Map-ahead (overlap) ---------------------------------------------------
   // Tokens the background thread keeps mapped ahead of each active slot's
   // length, and ahead of an AllocSlot hint. 0 turns the thread off: Step and

@@ -25,6 +25,27 @@ struct CacheStats {
   std::int64_t budget_bytes = 0;    // The physical cap in force.
   std::int64_t peak_physical_bytes = 0;
 
+  // ---- Prefix sharing (KVCache::KeepPrefix and friends) ------------------
+  // Physical bytes of shared extents mapped into more than one place, or
+  // kept by a cached prefix and mapped in a slot (counted once each, as in
+  // physical_bytes).
+  std::int64_t shared_bytes = 0;
+  // Bytes the slots map through shared extents beyond their first mapping:
+  // what the same slots would need on top without sharing. mapped_bytes
+  // counts every mapping (so with sharing it can exceed physical_bytes):
+  // mapped_bytes - shared_saved_bytes is mapped physical memory.
+  std::int64_t shared_saved_bytes = 0;
+  std::int64_t cached_prefixes = 0;
+  // Physical bytes the cached prefixes keep (whole extents and tails; a
+  // shared extent some slot maps too counts here and in mapped_bytes).
+  std::int64_t cached_prefix_bytes = 0;
+  std::int64_t prefix_hits = 0;        // AllocSlotWithPrefix successes.
+  std::int64_t forks = 0;              // Fork successes.
+  std::int64_t prefix_evictions = 0;   // Cached prefixes reclaimed.
+  std::int64_t cow_copied_bytes = 0;   // Copied at share time (tails).
+  std::int64_t copy_calls = 0;         // Backend CopyDeviceToDevice calls.
+  std::int64_t set_access_calls = 0;   // Backend SetAccess calls.
+
   // ---- Slots ---------------------------------------------------------------
   std::int64_t active_slots = 0;
   std::int64_t idle_slots_with_memory = 0;  // Freed, extents still mapped.

@@ -5,6 +5,7 @@
 // check and mark the objects busy under the lock, call the hook unlocked,
 // then commit (or undo the mark) under the lock.
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 #include <utility>
@@ -40,6 +41,7 @@ struct Backend::State {
     DevicePtr reservation = 0;
     bool busy = false;
     int pins = 0;  // Data calls (Zero, copies) running on it.
+    MapAccess access = MapAccess::kReadWrite;
   };
 
   // Finds the reservation holding [va, va + bytes), or nullptr.
@@ -50,6 +52,10 @@ struct Backend::State {
   // Nothing when every byte of the range is mapped (by mappings that are not
   // being made or taken down), else the first address that is not.
   std::optional<DevicePtr> FirstUnmappedLocked(DevicePtr va,
+                                               std::size_t bytes) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // The start of the first read-only mapping overlapping the range, if any.
+  std::optional<DevicePtr> FirstReadOnlyLocked(DevicePtr va,
                                                std::size_t bytes) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // Adds `delta` to the pin count of every mapping overlapping the range.
@@ -78,6 +84,8 @@ const char* BackendOpName(BackendOp op) {
       return "Map";
     case BackendOp::kUnmap:
       return "Unmap";
+    case BackendOp::kSetAccess:
+      return "SetAccess";
   }
   return "Unknown";
 }
@@ -153,6 +161,19 @@ std::optional<DevicePtr> Backend::State::FirstUnmappedLocked(
   return std::nullopt;
 }
 
+std::optional<DevicePtr> Backend::State::FirstReadOnlyLocked(
+    DevicePtr va, std::size_t bytes) const {
+  auto it = mappings.upper_bound(va);
+  if (it != mappings.begin()) --it;
+  for (; it != mappings.end() && it->first < va + bytes; ++it) {
+    if (it->first + it->second.bytes > va &&
+        it->second.access == MapAccess::kReadOnly) {
+      return it->first;
+    }
+  }
+  return std::nullopt;
+}
+
 void Backend::State::PinLocked(DevicePtr va, std::size_t bytes, int delta) {
   auto it = mappings.upper_bound(va);
   if (it != mappings.begin()) --it;
@@ -162,7 +183,7 @@ void Backend::State::PinLocked(DevicePtr va, std::size_t bytes, int delta) {
 }
 
 absl::Status Backend::PinMapped(const char* what, DevicePtr va,
-                                std::size_t bytes) {
+                                std::size_t bytes, bool for_write) {
   // Every range check below compares against va + bytes: refuse a range
   // whose end does not fit in the address space before computing it.
   if (bytes > std::numeric_limits<DevicePtr>::max() - va) {
@@ -176,6 +197,15 @@ absl::Status Backend::PinMapped(const char* what, DevicePtr va,
   {
     MutexLock lock(&state_->mu);
     hole = state_->FirstUnmappedLocked(va, bytes);
+    if (!hole.has_value() && for_write) {
+      if (std::optional<DevicePtr> ro = state_->FirstReadOnlyLocked(va, bytes)) {
+        ++state_->counters.failed_calls;
+        return absl::PermissionDeniedError(absl::StrFormat(
+            "%s: range 0x%x + %d touches the read-only mapping at 0x%x (shared "
+            "memory no request may write) (backend %s)",
+            what, va, bytes, *ro, caps_.name));
+      }
+    }
     if (!hole.has_value()) {
       state_->PinLocked(va, bytes, +1);
       return absl::OkStatus();
@@ -391,7 +421,8 @@ absl::StatusOr<PhysicalHandle> Backend::ImportHandle(int fd,
       fd, *handle, caps_.name));
 }
 
-absl::Status Backend::Map(DevicePtr va, PhysicalHandle handle) {
+absl::Status Backend::Map(DevicePtr va, PhysicalHandle handle,
+                          MapAccess access) {
   std::size_t bytes = 0;
   DevicePtr reservation = 0;
   {
@@ -431,11 +462,12 @@ absl::Status Backend::Map(DevicePtr va, PhysicalHandle handle) {
     }
     reservation = r->first;
     // Claim the range and pin the handle and reservation while the hook runs.
-    state_->mappings[va] = State::Mapping{bytes, handle, reservation, true};
+    state_->mappings[va] =
+        State::Mapping{bytes, handle, reservation, true, 0, access};
     ++h->second.mappings;
     ++r->second.mappings;
   }
-  absl::Status s = DoMap(va, handle, bytes);
+  absl::Status s = DoMap(va, handle, bytes, access);
   MutexLock lock(&state_->mu);
   if (!s.ok()) {
     state_->mappings.erase(va);
@@ -487,8 +519,50 @@ absl::Status Backend::Unmap(DevicePtr va, std::size_t bytes) {
   return absl::OkStatus();
 }
 
+absl::Status Backend::SetAccess(DevicePtr va, std::size_t bytes,
+                                MapAccess access) {
+  {
+    MutexLock lock(&state_->mu);
+    auto it = state_->mappings.find(va);
+    if (it == state_->mappings.end() || it->second.bytes != bytes) {
+      ++state_->counters.failed_calls;
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "SetAccess: 0x%x + %d is not exactly one mapping (backend %s)", va,
+          bytes, caps_.name));
+    }
+    if (it->second.busy || it->second.pins > 0) {
+      ++state_->counters.failed_calls;
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "SetAccess: mapping 0x%x is busy in another call (backend %s)", va,
+          caps_.name));
+    }
+    it->second.busy = true;
+  }
+  absl::Status s = DoSetAccess(va, bytes, access);
+  MutexLock lock(&state_->mu);
+  State::Mapping& m = state_->mappings[va];
+  m.busy = false;
+  if (!s.ok()) {
+    ++state_->counters.failed_calls;
+    return s;
+  }
+  m.access = access;
+  ++state_->counters.calls[static_cast<int>(BackendOp::kSetAccess)];
+  return absl::OkStatus();
+}
+
+absl::StatusOr<MapAccess> Backend::AccessOf(DevicePtr va) const {
+  MutexLock lock(&state_->mu);
+  auto it = state_->mappings.find(va);
+  if (it == state_->mappings.end()) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "AccessOf: no mapping starts at 0x%x (backend %s)", va, caps_.name));
+  }
+  return it->second.access;
+}
+
 absl::Status Backend::Zero(DevicePtr va, std::size_t bytes) {
-  VATTN_RETURN_IF_ERROR(PinMapped("Zero", va, bytes));
+  VATTN_RETURN_IF_ERROR(PinMapped("Zero", va, bytes, /*for_write=*/true));
   absl::Status status = DoZero(va, bytes);
   Unpin(va, bytes);
   if (!status.ok()) CountFailure();
@@ -497,7 +571,8 @@ absl::Status Backend::Zero(DevicePtr va, std::size_t bytes) {
 
 absl::Status Backend::CopyToDevice(DevicePtr dst, const void* src,
                                    std::size_t bytes) {
-  VATTN_RETURN_IF_ERROR(PinMapped("CopyToDevice", dst, bytes));
+  VATTN_RETURN_IF_ERROR(
+      PinMapped("CopyToDevice", dst, bytes, /*for_write=*/true));
   absl::Status status = DoCopyToDevice(dst, src, bytes);
   Unpin(dst, bytes);
   if (!status.ok()) CountFailure();
@@ -511,6 +586,51 @@ absl::Status Backend::CopyFromDevice(void* dst, DevicePtr src,
   Unpin(src, bytes);
   if (!status.ok()) CountFailure();
   return status;
+}
+
+absl::Status Backend::CopyDeviceToDevice(DevicePtr dst, DevicePtr src,
+                                         std::size_t bytes, Stream stream) {
+  if ((dst >= src ? dst - src : src - dst) < bytes) {
+    CountFailure();
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "CopyDeviceToDevice: ranges 0x%x and 0x%x of %d bytes overlap "
+        "(backend %s)",
+        dst, src, bytes, caps_.name));
+  }
+  VATTN_RETURN_IF_ERROR(PinMapped("CopyDeviceToDevice", src, bytes));
+  if (absl::Status s = PinMapped("CopyDeviceToDevice", dst, bytes,
+                                 /*for_write=*/true);
+      !s.ok()) {
+    Unpin(src, bytes);
+    return s;
+  }
+  absl::Status status = DoCopyDeviceToDevice(dst, src, bytes, stream);
+  Unpin(dst, bytes);
+  Unpin(src, bytes);
+  if (!status.ok()) CountFailure();
+  return status;
+}
+
+absl::Status Backend::DoSetAccess(DevicePtr va, std::size_t bytes,
+                                  MapAccess) {
+  return absl::UnimplementedError(absl::StrFormat(
+      "SetAccess: backend %s cannot change a mapping's access in place "
+      "(0x%x + %d)",
+      caps_.name, va, bytes));
+}
+
+absl::Status Backend::DoCopyDeviceToDevice(DevicePtr dst, DevicePtr src,
+                                           std::size_t bytes, Stream) {
+  // Staged through host memory in pieces, synchronously.
+  constexpr std::size_t kChunk = std::size_t{4} << 20;
+  std::vector<unsigned char> buffer(std::min(bytes, kChunk));
+  for (std::size_t done = 0; done < bytes;) {
+    const std::size_t n = std::min(kChunk, bytes - done);
+    VATTN_RETURN_IF_ERROR(DoCopyFromDevice(buffer.data(), src + done, n));
+    VATTN_RETURN_IF_ERROR(DoCopyToDevice(dst + done, buffer.data(), n));
+    done += n;
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<FenceId> Backend::RecordFence(Stream stream) {

@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "src/backend/cuda_driver.h"
 #include "vattn/backend.h"
@@ -212,22 +213,50 @@ class CudaBackend final : public Backend {
     });
   }
 
-  absl::Status DoMap(DevicePtr va, PhysicalHandle handle,
-                     std::size_t bytes) override {
+  absl::Status DoMap(DevicePtr va, PhysicalHandle handle, std::size_t bytes,
+                     MapAccess access) override {
     return InContext(driver_, context_, [&]() -> absl::Status {
       const CUdeviceptr ptr = static_cast<CUdeviceptr>(va);
       VATTN_CU_RETURN_IF_ERROR(driver_.cuMemMap(
           ptr, bytes, /*offset=*/0,
           static_cast<CUmemGenericAllocationHandle>(handle), /*flags=*/0));
-      CUmemAccessDesc access{};
-      access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-      access.location.id = device_;
-      access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+      const CUmemAccessDesc desc = AccessDesc(access);
       absl::Status s =
-          VATTN_CU_STATUS(driver_.cuMemSetAccess(ptr, bytes, &access, 1));
+          VATTN_CU_STATUS(driver_.cuMemSetAccess(ptr, bytes, &desc, 1));
       // A failed call changes nothing: take the mapping back.
       if (!s.ok()) (void)driver_.cuMemUnmap(ptr, bytes);
       return s;
+    });
+  }
+
+  absl::Status DoSetAccess(DevicePtr va, std::size_t bytes,
+                           MapAccess access) override {
+    // One call on the live mapping; the driver either applies the new
+    // flags or fails and leaves the old ones.
+    return InContext(driver_, context_, [&] {
+      const CUmemAccessDesc desc = AccessDesc(access);
+      return VATTN_CU_STATUS(driver_.cuMemSetAccess(
+          static_cast<CUdeviceptr>(va), bytes, &desc, 1));
+    });
+  }
+
+  absl::Status DoCopyDeviceToDevice(DevicePtr dst, DevicePtr src,
+                                    std::size_t bytes, Stream stream) override {
+    // Enqueued on the caller's stream, after its queued work (the data being
+    // shared was written by it); the caller fences it (backend.h).
+    return InContext(driver_, context_, [&]() -> absl::Status {
+      const CUstream s = static_cast<CUstream>(stream.value());
+      // A copy enqueued on a capturing stream would be a graph node, not a
+      // copy: refuse it as RecordFence does.
+      if (absl::Status c = CheckNotCapturingInContext(s); !c.ok()) {
+        return absl::Status(
+            c.code(), absl::StrCat("CopyDeviceToDevice (on the stream of its "
+                                   "fence): ",
+                                   c.message()));
+      }
+      return VATTN_CU_STATUS(driver_.cuMemcpyDtoDAsync(
+          static_cast<CUdeviceptr>(dst), static_cast<CUdeviceptr>(src), bytes,
+          s));
     });
   }
 
@@ -386,6 +415,16 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  CUmemAccessDesc AccessDesc(MapAccess access) const {
+    CUmemAccessDesc desc{};
+    desc.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    desc.location.id = device_;
+    desc.flags = access == MapAccess::kReadOnly
+                     ? CU_MEM_ACCESS_FLAGS_PROT_READ
+                     : CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    return desc;
+  }
+
   absl::Status Named(const char* what, const absl::Status& s) const {
     return absl::Status(s.code(), absl::StrFormat("%s: %s (backend %s)", what,
                                                   s.message(),

@@ -68,6 +68,7 @@ namespace vattn::internal {
   X(cuMemsetD8Async, cuMemsetD8Async)                              \
   X(cuMemcpyHtoDAsync, cuMemcpyHtoDAsync_v2)                       \
   X(cuMemcpyDtoHAsync, cuMemcpyDtoHAsync_v2)                       \
+  X(cuMemcpyDtoDAsync, cuMemcpyDtoDAsync_v2)                       \
   X(cuEventCreate, cuEventCreate)                                  \
   X(cuEventRecord, cuEventRecord)                                  \
   X(cuEventQuery, cuEventQuery)                                    \

@@ -1,6 +1,6 @@
 // Copyright 2026 The vattn Authors. Licensed under the Apache License 2.0.
 //
-// The fault-injection wrapper. Every one of the six state-changing calls is
+// The fault-injection wrapper. Every one of the state-changing calls is
 // counted (per op and over all ops) when it reaches a hook, i.e. after the
 // base class's contract checks passed, and checked against the plan before it
 // is forwarded; an injected failure never reaches the inner backend, so it
@@ -150,9 +150,16 @@ absl::Status FaultInjectionBackend::DoDestroy(PhysicalHandle handle,
 }
 
 absl::Status FaultInjectionBackend::DoMap(DevicePtr va, PhysicalHandle handle,
-                                          std::size_t bytes) {
+                                          std::size_t bytes, MapAccess access) {
   if (absl::Status s = Check(BackendOp::kMap); !s.ok()) return s;
-  return BackendWrapper::DoMap(va, handle, bytes);
+  return BackendWrapper::DoMap(va, handle, bytes, access);
+}
+
+absl::Status FaultInjectionBackend::DoSetAccess(DevicePtr va,
+                                                std::size_t bytes,
+                                                MapAccess access) {
+  if (absl::Status s = Check(BackendOp::kSetAccess); !s.ok()) return s;
+  return BackendWrapper::DoSetAccess(va, bytes, access);
 }
 
 absl::Status FaultInjectionBackend::DoUnmap(DevicePtr va, std::size_t bytes) {

@@ -211,8 +211,8 @@ class HostBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status DoMap(DevicePtr va, PhysicalHandle handle,
-                     std::size_t bytes) override {
+  absl::Status DoMap(DevicePtr va, PhysicalHandle handle, std::size_t bytes,
+                     MapAccess access) override {
     int fd = fd_;
     off_t offset = 0;
     if ((handle & kFileHandleBit) != 0) {
@@ -220,7 +220,7 @@ class HostBackend final : public Backend {
     } else {
       offset = Offset(handle);
     }
-    void* p = ::mmap(AsPointer(va), bytes, PROT_READ | PROT_WRITE,
+    void* p = ::mmap(AsPointer(va), bytes, Protection(access),
                      MAP_SHARED | MAP_FIXED, fd, offset);
     if (p == MAP_FAILED) {
       const int err = errno;
@@ -304,6 +304,24 @@ class HostBackend final : public Backend {
     return AddFileLocked(copy, /*imported=*/true);
   }
 
+  absl::Status DoSetAccess(DevicePtr va, std::size_t bytes,
+                           MapAccess access) override {
+    if (::mprotect(AsPointer(va), bytes, Protection(access)) != 0) {
+      return VATTN_ERRNO_STATUS(
+          errno, "mprotect",
+          absl::StrFormat("SetAccess of 0x%x + %d to %s", va, bytes,
+                          access == MapAccess::kReadOnly ? "read-only"
+                                                         : "read-write"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status DoCopyDeviceToDevice(DevicePtr dst, DevicePtr src,
+                                    std::size_t bytes, Stream) override {
+    std::memcpy(AsPointer(dst), AsPointer(src), bytes);
+    return absl::OkStatus();
+  }
+
   absl::Status DoUnmap(DevicePtr va, std::size_t bytes) override {
     if (!Reprotect(va, bytes)) {
       return VATTN_ERRNO_STATUS(
@@ -351,6 +369,10 @@ class HostBackend final : public Backend {
           "%s: handle %d has no memfd (backend host)", what, handle));
     }
     return it->second.fd;
+  }
+
+  static int Protection(MapAccess access) {
+    return access == MapAccess::kReadOnly ? PROT_READ : PROT_READ | PROT_WRITE;
   }
 
   off_t Offset(PhysicalHandle handle) const {

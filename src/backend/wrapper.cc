@@ -47,8 +47,17 @@ absl::Status BackendWrapper::DoDestroy(PhysicalHandle handle, std::size_t) {
   return inner_->Destroy(handle);
 }
 absl::Status BackendWrapper::DoMap(DevicePtr va, PhysicalHandle handle,
-                                   std::size_t) {
-  return inner_->Map(va, handle);
+                                   std::size_t, MapAccess access) {
+  return inner_->Map(va, handle, access);
+}
+absl::Status BackendWrapper::DoSetAccess(DevicePtr va, std::size_t bytes,
+                                         MapAccess access) {
+  return inner_->SetAccess(va, bytes, access);
+}
+absl::Status BackendWrapper::DoCopyDeviceToDevice(DevicePtr dst, DevicePtr src,
+                                                  std::size_t bytes,
+                                                  Stream stream) {
+  return inner_->CopyDeviceToDevice(dst, src, bytes, stream);
 }
 absl::Status BackendWrapper::DoUnmap(DevicePtr va, std::size_t bytes) {
   return inner_->Unmap(va, bytes);

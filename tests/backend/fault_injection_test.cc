@@ -96,6 +96,9 @@ TEST_F(FaultInjectionTest, EachFailedOpChangesNothing) {
       case BackendOp::kUnmap:
         call = [&] { return fi_->Unmap(va, g); };
         break;
+      case BackendOp::kSetAccess:
+        call = [&] { return fi_->SetAccess(va, g, MapAccess::kReadOnly); };
+        break;
     }
 
     fi_->SetPlan(

@@ -85,6 +85,7 @@ TEST(LatencyCostsTest, ForPicksTheOpsCost) {
   costs.destroy = {4, 0};
   costs.map = {5, 0};
   costs.unmap = {6, 0};
+  costs.set_access = {7, 0};
   for (int i = 0; i < kNumBackendOps; ++i) {
     EXPECT_EQ(costs.For(static_cast<BackendOp>(i)).base_us, i + 1);
   }
