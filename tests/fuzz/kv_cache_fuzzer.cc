@@ -24,6 +24,17 @@
 //    need really exceeds the budget.
 //  * zero_on_reuse: a token a request has not written reads as zero.
 //  * Leaks: after the cache is destroyed the backend holds nothing.
+//
+// Prefix sharing (issue 13): inputs that start with kPrefixMagic run the same
+// harness with five more op codes (KeepPrefix, AllocSlotWithPrefix, Fork,
+// DropPrefix, a check of what every slot reads) and fault rules that may
+// name SetAccess; the ordinary inputs decode exactly as before. The model
+// then also knows the bytes the harness wrote (one value per write) and
+// what each slot and cached prefix must read back, never writes a token a
+// slot shares (its frozen tokens: a write there would fault), and counts a
+// shared extent once in the books (mapped - shared_saved). An evicted
+// prefix (NotFound for an id the model holds) must show in
+// Stats().prefix_evictions.
 
 #include <algorithm>
 #include <cinttypes>
@@ -31,6 +42,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <optional>
 #include <set>
@@ -79,6 +91,21 @@ constexpr bool kBooksMatchAfterFaults = (VATTN_FUZZ_ISSUE9_MASK >> 5) & 1;
 // §4.3: a destructor that meets failing Unmaps still returns every extent it
 // can: what stays mapped is at most one extent per injected failure.
 constexpr bool kDestructorReturnsEverything = (VATTN_FUZZ_ISSUE9_MASK >> 6) & 1;
+
+// Prefix mode: AllocSlotWithPrefix backs max(tokens, expected_tokens)
+// (kv_cache.h). Off until fixed: when the prefix's whole extents cover
+// `tokens` (no tail to copy), no fresh extent is mapped and expected_tokens
+// is ignored (found by this fuzzer, seed prefix-alloc-expected-no-tail).
+constexpr bool kAllocWithPrefixBacksExpected = false;
+// Prefix mode: two faults in a row (a failed call and its failed rollback)
+// leave the books exact. Off until fixed: the tail at a prefix's home is
+// then left mapped or half-unmapped without being quarantined (KeepPrefix,
+// DropPrefix, eviction), and an access change KeepPrefix or Fork could not
+// undo leaves the slot's extent read-only. With it off, once a cache that
+// kept a prefix has met two faults its books are not compared, and a slot
+// whose KeepPrefix or Fork failed under two faults never writes below the
+// prefix again.
+constexpr bool kPrefixDoubleFaultsClean = false;
 
 constexpr int kMaxOps = 96;
 constexpr std::int64_t kMiB = std::int64_t{1} << 20;
@@ -138,6 +165,18 @@ struct ModelSlot {
   // The slot's memory may hold an earlier request's data that the library
   // does not promise to zero yet (kZeroCoversAllocBacked off).
   bool tainted = false;
+  // Prefix mode. Tokens [0, frozen) are shared (or kept as a prefix): never
+  // written again, their data came from the prefix or the forked request.
+  std::int64_t frozen = 0;
+  // The K and V marker bytes last written at each token (both modes; only
+  // prefix mode checks them).
+  std::map<std::int64_t, std::pair<std::uint8_t, std::uint8_t>> values;
+};
+
+// A cached prefix, as the model knows it (prefix mode).
+struct ModelPrefix {
+  std::int64_t tokens = 0;
+  std::map<std::int64_t, std::pair<std::uint8_t, std::uint8_t>> values;
 };
 
 struct Config {
@@ -151,7 +190,7 @@ struct Config {
 
 class Harness {
  public:
-  explicit Harness(Reader& in) : in_(in) {}
+  Harness(Reader& in, bool prefix_mode) : in_(in), prefix_mode_(prefix_mode) {}
   void Run();
 
  private:
@@ -218,6 +257,16 @@ class Harness {
   void OpWaitIdle();
   void OpViews();
   void OpRecreate();
+  // Prefix mode.
+  void OpKeepPrefix();
+  void OpAllocWithPrefix();
+  void OpFork();
+  void OpDropPrefix();
+  void OpCheckValues(int slot);
+  std::uint64_t PickPrefixId() { return in_.Byte() % 6; }
+  // A NotFound for a prefix the model holds: the cache must count an
+  // eviction the model has not seen yet.
+  void NoteEvicted(std::uint64_t id, const absl::Status& status);
 
   // Checks.
   void CheckInvariants();
@@ -265,6 +314,10 @@ class Harness {
   // Two faults in a row may corrupt the books today (issue 9 §4.1); one
   // never may.
   bool BooksExact() const {
+    if (prefix_mode_ && !kPrefixDoubleFaultsClean && kept_any_ &&
+        TotalFaults() >= 2) {
+      return false;
+    }
     return TotalFaults() <= 1 || kBooksMatchAfterFaults;
   }
   unsigned char* TokenByte(int slot, std::int64_t token, bool k_side) const;
@@ -276,6 +329,11 @@ class Harness {
   }
 
   Reader& in_;
+  const bool prefix_mode_;
+  std::map<std::uint64_t, ModelPrefix> prefixes_;
+  std::int64_t evictions_seen_ = 0;
+  std::uint8_t next_value_ = 1;  // Marker bytes of prefix mode's writes.
+  bool kept_any_ = false;        // KeepPrefix or Fork succeeded once.
   Config cfg_;
   std::shared_ptr<vattn::FaultInjectionBackend> faulty_;
   std::unique_ptr<vattn::KVCache> cache_;
@@ -325,8 +383,11 @@ vattn::FaultPlan Harness::DecodePlan() {
   const int rules = static_cast<int>(in_.Range(1, 3));
   for (int i = 0; i < rules; ++i) {
     vattn::FaultRule rule;
-    const int op = static_cast<int>(in_.Range(0, vattn::kNumBackendOps));
-    if (op < vattn::kNumBackendOps) rule.op = static_cast<vattn::BackendOp>(op);
+    // Ordinary inputs decode as when there were six ops (kSetAccess came
+    // later): op 6 is "any op" for them.
+    const int num_ops = prefix_mode_ ? vattn::kNumBackendOps : 6;
+    const int op = static_cast<int>(in_.Range(0, num_ops));
+    if (op < num_ops) rule.op = static_cast<vattn::BackendOp>(op);
     rule.nth = in_.Range(1, 24);
     rule.and_after = in_.Chance(40);
     static constexpr absl::StatusCode kCodes[] = {
@@ -514,6 +575,9 @@ bool Harness::CreateCache() {
     default_budget_ = b;
   }
   slots_.assign(static_cast<std::size_t>(cfg_.opts.max_slots), ModelSlot{});
+  prefixes_.clear();
+  evictions_seen_ = 0;
+  kept_any_ = false;
   faults_seen_ = Injected() > 0;
   faults_before_plan_ = 0;
   faults_at_last_wait_ = 0;
@@ -556,7 +620,9 @@ void Harness::DestroyCache(bool with_faults) {
     }
   } else if (kDestructorReturnsEverything && books_exact && with_faults) {
     // Faults in the destructor itself (the books were right before it).
-    if (after.mappings > injected * Regions() || after.reservations > 1) {
+    // Prefix mode: the prefixes' tails have a reservation of their own.
+    if (after.mappings > injected * Regions() ||
+        after.reservations > (prefix_mode_ ? 2 : 1)) {
       Fail(absl::StrFormat(
           "the destructor gave up: %d mappings left after %d injected "
           "failures (at most %d expected)",
@@ -622,9 +688,12 @@ bool Harness::ExhaustionPossible(int slot, std::int64_t tokens) {
   }
   const vattn::CacheStats stats = cache_->Stats();
   const vattn::BackendCounters counters = Counters();
-  // Memory the books do not place (in flight, or kept after a fault).
+  // Memory the books do not place (in flight, kept after a fault, or kept
+  // by a cached prefix; a shared extent is mapped in several slots but is
+  // physical memory once).
   const std::int64_t stuck = std::max<std::int64_t>(
-      0, counters.physical_bytes - all_mapped - stats.pooled_bytes);
+      0, counters.physical_bytes - (all_mapped - stats.shared_saved_bytes) -
+             stats.pooled_bytes);
   std::int64_t slack = stuck;
   if (Worker()) {
     // The thread may hold handles for a map, a reclamation or a pool refill
@@ -650,7 +719,10 @@ void Harness::CheckInvariants() {
         counters.physical_bytes, stats.physical_bytes,
         stats.peak_physical_bytes, budget));
   }
-  if (counters.reservations != 1 || counters.fences != 0) {
+  // Prefix mode: the cached prefixes' tails have a reservation of their own.
+  const std::int64_t reservations_max = prefix_mode_ ? 2 : 1;
+  if (counters.reservations < 1 || counters.reservations > reservations_max ||
+      counters.fences != 0) {
     Fail(absl::StrFormat("backend has %d reservations and %d fences",
                          counters.reservations, counters.fences));
   }
@@ -685,6 +757,14 @@ void Harness::CheckInvariants() {
                            m.length, info->backed_tokens));
     }
   }
+  if (prefix_mode_ && !sticky_possible_ &&
+      stats.cached_prefixes + (stats.prefix_evictions - evictions_seen_) !=
+          static_cast<std::int64_t>(prefixes_.size())) {
+    Fail(absl::StrFormat("Stats: %d cached prefixes, %d evictions (%d seen); "
+                         "the model holds %d",
+                         stats.cached_prefixes, stats.prefix_evictions,
+                         evictions_seen_, prefixes_.size()));
+  }
   if (stats.active_slots != active || stats.logical_bytes != logical) {
     Fail(absl::StrFormat("Stats: %d active slots, %d logical bytes; model: %d, "
                          "%d",
@@ -699,18 +779,27 @@ void Harness::CheckInvariants() {
     // mapped nor pooled, and the backend's mapped bytes lie between what the
     // cache counts as mapped and that plus the quarantine.
     const std::int64_t q = stats.quarantined_bytes;
+    // With prefix sharing, mapped_bytes counts every mapping: less
+    // shared_saved_bytes it is physical memory; the cached prefixes may keep
+    // memory no slot maps (their tails are mapped in their own reservation).
+    // Without sharing both are 0 and the books are exact.
+    const std::int64_t saved = stats.shared_saved_bytes;
+    const std::int64_t kept = stats.cached_prefix_bytes;
+    const std::int64_t placed = stats.mapped_bytes - saved + stats.pooled_bytes + q;
     if (stats.physical_bytes != counters.physical_bytes ||
         counters.mapped_bytes < stats.mapped_bytes ||
-        counters.mapped_bytes > stats.mapped_bytes + q ||
-        stats.mapped_bytes != mapped ||
-        stats.mapped_bytes + stats.pooled_bytes + q != stats.physical_bytes) {
+        counters.mapped_bytes > stats.mapped_bytes + q + kept ||
+        stats.mapped_bytes != mapped || placed > stats.physical_bytes ||
+        stats.physical_bytes > placed + kept) {
       Fail(absl::StrFormat(
           "books: cache physical %d mapped %d (slots %d) pooled %d "
-          "quarantined %d; backend physical %d mapped %d",
+          "quarantined %d shared_saved %d prefix-kept %d; backend physical "
+          "%d mapped %d",
           stats.physical_bytes, stats.mapped_bytes, mapped, stats.pooled_bytes,
-          q, counters.physical_bytes, counters.mapped_bytes));
+          q, saved, kept, counters.physical_bytes, counters.mapped_bytes));
     }
-  } else if (stats.mapped_bytes + stats.pooled_bytes > stats.physical_bytes &&
+  } else if (stats.mapped_bytes - stats.shared_saved_bytes + stats.pooled_bytes >
+                 stats.physical_bytes &&
              !Worker()) {
     Fail(absl::StrFormat("books: mapped %d + pooled %d > physical %d",
                          stats.mapped_bytes, stats.pooled_bytes,
@@ -1023,8 +1112,19 @@ void Harness::OpWrite() {
   const int count = static_cast<int>(in_.Range(1, 4));
   for (int i = 0; i < count; ++i) {
     const std::int64_t t = in_.Range(0, info->backed_tokens - 1);
-    *TokenByte(slot, t, true) = 0xA5;
-    *TokenByte(slot, t, false) = 0x5A;
+    // A shared token is read-only (a write would fault): the request never
+    // writes it again.
+    if (t < m.frozen) continue;
+    std::uint8_t k = 0xA5;
+    std::uint8_t v = 0x5A;
+    if (prefix_mode_) {
+      k = next_value_;
+      v = static_cast<std::uint8_t>(~next_value_);
+      next_value_ = static_cast<std::uint8_t>(next_value_ % 250 + 1);
+    }
+    *TokenByte(slot, t, true) = k;
+    *TokenByte(slot, t, false) = v;
+    m.values[t] = {k, v};
     m.written.insert(t);
     Log(absl::StrFormat("write slot %d token %d (backed %d)", slot, t,
                         info->backed_tokens));
@@ -1048,7 +1148,8 @@ void Harness::OpCheckZero(int slot) {
   }
   for (int i = 0; i < 3 && backed > 0; ++i) probe.insert(in_.Range(0, backed - 1));
   for (std::int64_t t : probe) {
-    if (m.written.count(t) != 0) continue;
+    // Shared tokens hold the prefix's (or the forked request's) data.
+    if (m.written.count(t) != 0 || t < m.frozen) continue;
     const unsigned k = *TokenByte(slot, t, true);
     const unsigned v = *TokenByte(slot, t, false);
     if (k != 0 || v != 0) {
@@ -1120,6 +1221,303 @@ void Harness::OpRecreate() {
   if (!CreateCache()) Fail("Create failed without faults");
 }
 
+// ---- Prefix sharing (prefix mode) --------------------------------------------
+
+void Harness::NoteEvicted(std::uint64_t id, const absl::Status& status) {
+  const vattn::CacheStats stats = cache_->Stats();
+  if (stats.prefix_evictions <= evictions_seen_) {
+    Fail(absl::StrFormat("prefix %d vanished (%s) without an eviction (%d "
+                         "counted, %d seen)",
+                         id, status.ToString(), stats.prefix_evictions,
+                         evictions_seen_));
+  }
+  ++evictions_seen_;
+  prefixes_.erase(id);
+}
+
+void Harness::OpKeepPrefix() {
+  const int slot = PickSlot(true);
+  const bool valid_slot = slot >= 0 && slot < cfg_.opts.max_slots;
+  const std::int64_t length =
+      valid_slot ? slots_[static_cast<std::size_t>(slot)].length : 0;
+  const std::uint8_t b = in_.Byte();
+  const std::int64_t tokens =
+      b < 100 ? length
+              : (b < 200 ? in_.Range(1, std::max<std::int64_t>(length, 1))
+                         : PickTokens(length));
+  const std::uint64_t id = PickPrefixId();
+  const std::int64_t injected_before = Injected();
+  const absl::Status status = cache_->KeepPrefix(slot, tokens, id);
+  Log(absl::StrFormat("KeepPrefix(%d, %d, %d) -> %s", slot, tokens, id,
+                      status.ToString()));
+  NoteFaultSeen();
+  const absl::StatusCode got = status.code();
+  // Every applicable code (the order of the checks is the library's).
+  std::set<absl::StatusCode> arg_errors;
+  if (!valid_slot || tokens < 1) {
+    arg_errors.insert(absl::StatusCode::kInvalidArgument);
+  }
+  if (tokens > cfg_.opts.max_tokens) {
+    arg_errors.insert(absl::StatusCode::kOutOfRange);
+  }
+  if (valid_slot && !slots_[static_cast<std::size_t>(slot)].active) {
+    arg_errors.insert(absl::StatusCode::kFailedPrecondition);
+  } else if (valid_slot && tokens > length) {
+    arg_errors.insert(absl::StatusCode::kOutOfRange);
+  }
+  const bool known = prefixes_.count(id) != 0;
+  if (!arg_errors.empty()) {
+    if (known) arg_errors.insert(absl::StatusCode::kAlreadyExists);
+    if (arg_errors.count(got) == 0 && !StickyExplains(got)) {
+      Fail(absl::StrFormat("KeepPrefix with bad arguments returned %s",
+                           status.ToString()));
+    }
+    return;
+  }
+  if (known && got == absl::StatusCode::kAlreadyExists) return;
+  if (known && status.ok()) NoteEvicted(id, status);  // The id was free.
+  if (!status.ok() && !kPrefixDoubleFaultsClean &&
+      Injected() - injected_before >= 2) {
+    // Its extents may stay read-only (see kPrefixDoubleFaultsClean).
+    ModelSlot& m = slots_[static_cast<std::size_t>(slot)];
+    m.frozen = std::max(m.frozen, tokens);
+    kept_any_ = true;
+  }
+  if (!status.ok()) {
+    bool explained = FaultMayExplain(injected_before) || StickyExplains(got);
+    if (!explained && got == absl::StatusCode::kResourceExhausted) {
+      explained = ExhaustionPossible(-1, tokens) ||
+                  cache_->Stats().cached_prefixes >= cfg_.opts.max_prefixes;
+    }
+    if (!explained) {
+      Fail(absl::StrFormat("KeepPrefix(%d, %d, %d) returned %s", slot, tokens,
+                           id, status.ToString()));
+    }
+    return;
+  }
+  ModelSlot& m = slots_[static_cast<std::size_t>(slot)];
+  ModelPrefix p;
+  p.tokens = tokens;
+  p.values.insert(m.values.begin(), m.values.lower_bound(tokens));
+  prefixes_[id] = std::move(p);
+  m.frozen = std::max(m.frozen, tokens);
+  kept_any_ = true;
+}
+
+void Harness::OpAllocWithPrefix() {
+  const std::uint64_t id = PickPrefixId();
+  const auto it = prefixes_.find(id);
+  const std::int64_t plen = it != prefixes_.end() ? it->second.tokens : 0;
+  const std::uint8_t b = in_.Byte();
+  const std::int64_t tokens =
+      b < 100 ? std::max<std::int64_t>(plen, 1)
+              : (b < 180 ? in_.Range(1, std::max<std::int64_t>(plen, 1))
+                         : PickTokens(plen));
+  const std::uint8_t e = in_.Byte();
+  const std::int64_t expected =
+      e < 128 ? 0 : (e < 240 ? in_.Range(0, cfg_.opts.max_tokens)
+                             : (e < 250 ? -in_.Range(1, 3)
+                                        : cfg_.opts.max_tokens + 1));
+  const bool all_active =
+      std::none_of(slots_.begin(), slots_.end(),
+                   [](const ModelSlot& m) { return !m.active; });
+  const std::int64_t injected_before = Injected();
+  const absl::StatusOr<int> slot =
+      cache_->AllocSlotWithPrefix(id, tokens, expected);
+  Log(absl::StrFormat("AllocSlotWithPrefix(%d, %d, %d) -> %s", id, tokens,
+                      expected,
+                      slot.ok() ? absl::StrCat(*slot) : slot.status().ToString()));
+  NoteFaultSeen();
+  const absl::StatusCode got = slot.status().code();
+  // Every applicable code (the order of the checks is the library's).
+  std::set<absl::StatusCode> arg_errors;
+  if (tokens < 1 || expected < 0) {
+    arg_errors.insert(absl::StatusCode::kInvalidArgument);
+  }
+  if (tokens > cfg_.opts.max_tokens || expected > cfg_.opts.max_tokens) {
+    arg_errors.insert(absl::StatusCode::kOutOfRange);
+  }
+  if (!arg_errors.empty()) {
+    if (arg_errors.count(got) == 0 && !StickyExplains(got)) {
+      Fail(absl::StrFormat("AllocSlotWithPrefix with bad arguments returned %s",
+                           slot.status().ToString()));
+    }
+    return;
+  }
+  if (it == prefixes_.end()) {
+    const bool fine = got == absl::StatusCode::kNotFound ||
+                      (all_active && got == absl::StatusCode::kResourceExhausted) ||
+                      (!slot.ok() && StickyExplains(got));
+    if (!fine) {
+      Fail(absl::StrFormat("AllocSlotWithPrefix of unknown prefix %d returned %s",
+                           id, slot.status().ToString()));
+    }
+    return;
+  }
+  if (got == absl::StatusCode::kNotFound) {
+    NoteEvicted(id, slot.status());
+    return;
+  }
+  if (!slot.ok()) {
+    bool explained = FaultMayExplain(injected_before) || StickyExplains(got);
+    if (!explained && got == absl::StatusCode::kResourceExhausted) {
+      explained = all_active ||
+                  ExhaustionPossible(-1, std::max(tokens, expected));
+    }
+    if (!explained) {
+      Fail(absl::StrFormat("AllocSlotWithPrefix(%d, %d, %d) returned %s", id,
+                           tokens, expected, slot.status().ToString()));
+    }
+    return;
+  }
+  if (*slot < 0 || *slot >= cfg_.opts.max_slots ||
+      slots_[static_cast<std::size_t>(*slot)].active) {
+    Fail(absl::StrFormat("AllocSlotWithPrefix returned slot %d, which is not "
+                         "free",
+                         *slot));
+  }
+  ModelSlot& m = slots_[static_cast<std::size_t>(*slot)];
+  const bool tainted = m.tainted;
+  m = ModelSlot{};
+  m.active = true;
+  m.hint = expected;
+  m.length = tokens;
+  m.grown = true;
+  m.tainted = tainted;
+  m.frozen = std::min(tokens, plen);
+  m.values.insert(it->second.values.begin(),
+                  it->second.values.lower_bound(m.frozen));
+  // Backed to `tokens`, and to expected_tokens unless the budget is short
+  // (then the extent falls back to what `tokens` needs, as Grow's does).
+  absl::StatusOr<vattn::SlotInfo> info = cache_->GetSlot(*slot);
+  if (!info.ok() || info->backed_tokens < tokens ||
+      (kAllocWithPrefixBacksExpected && info->backed_tokens < expected &&
+       !ExhaustionPossible(-1, expected))) {
+    Fail(absl::StrFormat("AllocSlotWithPrefix(%d, %d, %d): %d tokens backed",
+                         id, tokens, expected,
+                         info.ok() ? info->backed_tokens : -1));
+  }
+  OpCheckValues(*slot);
+  if (cfg_.opts.zero_on_reuse) OpCheckZero(*slot);
+}
+
+void Harness::OpFork() {
+  const int src = PickSlot(true);
+  const bool valid_slot = src >= 0 && src < cfg_.opts.max_slots;
+  const bool all_active =
+      std::none_of(slots_.begin(), slots_.end(),
+                   [](const ModelSlot& m) { return !m.active; });
+  const std::int64_t injected_before = Injected();
+  const absl::StatusOr<int> child = cache_->Fork(src);
+  Log(absl::StrFormat("Fork(%d) -> %s", src,
+                      child.ok() ? absl::StrCat(*child)
+                                 : child.status().ToString()));
+  NoteFaultSeen();
+  const absl::StatusCode got = child.status().code();
+  absl::StatusCode want = absl::StatusCode::kOk;
+  if (!valid_slot) {
+    want = absl::StatusCode::kInvalidArgument;
+  } else if (!slots_[static_cast<std::size_t>(src)].active) {
+    want = absl::StatusCode::kFailedPrecondition;
+  } else if (all_active) {
+    want = absl::StatusCode::kResourceExhausted;
+  }
+  if (want != absl::StatusCode::kOk) {
+    if (got != want && !StickyExplains(got)) {
+      Fail(absl::StrFormat("Fork(%d) returned %s, expected %s", src,
+                           child.status().ToString(), CodeName(want)));
+    }
+    return;
+  }
+  ModelSlot& s = slots_[static_cast<std::size_t>(src)];
+  if (!child.ok() && !kPrefixDoubleFaultsClean &&
+      Injected() - injected_before >= 2) {
+    s.frozen = std::max(s.frozen, s.length);  // May stay read-only.
+    kept_any_ = true;
+  }
+  if (!child.ok()) {
+    bool explained = FaultMayExplain(injected_before) || StickyExplains(got);
+    if (!explained && got == absl::StatusCode::kResourceExhausted) {
+      explained = ExhaustionPossible(-1, s.length);
+    }
+    if (!explained) {
+      Fail(absl::StrFormat("Fork(%d) returned %s", src,
+                           child.status().ToString()));
+    }
+    return;
+  }
+  if (*child < 0 || *child >= cfg_.opts.max_slots || *child == src ||
+      slots_[static_cast<std::size_t>(*child)].active) {
+    Fail(absl::StrFormat("Fork returned slot %d, which is not free", *child));
+  }
+  ModelSlot& m = slots_[static_cast<std::size_t>(*child)];
+  const bool tainted = m.tainted || s.tainted;
+  m = ModelSlot{};
+  m.active = true;
+  m.length = s.length;
+  m.grown = true;
+  m.tainted = tainted;
+  m.frozen = s.length;
+  m.values.insert(s.values.begin(), s.values.lower_bound(s.length));
+  // The copy of the source's last extent may carry what the source wrote
+  // past its length: the fork's own family, not another request's data.
+  m.written = s.written;
+  s.frozen = std::max(s.frozen, s.length);
+  kept_any_ = true;
+  OpCheckValues(*child);
+  OpCheckValues(src);
+  if (cfg_.opts.zero_on_reuse) OpCheckZero(*child);
+}
+
+void Harness::OpDropPrefix() {
+  const std::uint64_t id = PickPrefixId();
+  const bool known = prefixes_.count(id) != 0;
+  const std::int64_t injected_before = Injected();
+  const absl::Status status = cache_->DropPrefix(id);
+  Log(absl::StrFormat("DropPrefix(%d) -> %s", id, status.ToString()));
+  NoteFaultSeen();
+  const absl::StatusCode got = status.code();
+  if (!known) {
+    if (got != absl::StatusCode::kNotFound && !StickyExplains(got)) {
+      Fail(absl::StrFormat("DropPrefix of unknown prefix %d returned %s", id,
+                           status.ToString()));
+    }
+    return;
+  }
+  if (status.ok()) {
+    prefixes_.erase(id);
+    return;
+  }
+  if (got == absl::StatusCode::kNotFound) {
+    NoteEvicted(id, status);
+    return;
+  }
+  if (!FaultMayExplain(injected_before) && !StickyExplains(got)) {
+    Fail(absl::StrFormat("DropPrefix(%d) returned %s", id, status.ToString()));
+  }
+  // Dropped or not: the cache says which.
+  if (!cache_->GetPrefix(id).ok()) prefixes_.erase(id);
+}
+
+void Harness::OpCheckValues(int slot) {
+  if (slot < 0 || slot >= cfg_.opts.max_slots) return;
+  const ModelSlot& m = slots_[static_cast<std::size_t>(slot)];
+  if (!m.active) return;
+  absl::StatusOr<vattn::SlotInfo> info = cache_->GetSlot(slot);
+  if (!info.ok()) Fail("GetSlot failed: " + info.status().ToString());
+  for (const auto& [t, kv] : m.values) {
+    if (t >= info->backed_tokens) break;
+    const unsigned k = *TokenByte(slot, t, true);
+    const unsigned v = *TokenByte(slot, t, false);
+    if (k != kv.first || v != kv.second) {
+      Fail(absl::StrFormat(
+          "slot %d token %d (frozen below %d, backed %d) reads K %#x V %#x, "
+          "expected K %#x V %#x",
+          slot, t, m.frozen, info->backed_tokens, k, v, kv.first, kv.second));
+    }
+  }
+}
+
 void Harness::Run() {
   DecodeConfig();
   absl::StatusOr<std::shared_ptr<vattn::Backend>> host =
@@ -1131,7 +1529,8 @@ void Harness::Run() {
   faulty_ = *faulty;
   if (!CreateCache()) return;
   for (int op = 0; op < kMaxOps && !in_.empty(); ++op) {
-    switch (in_.Byte() % 16) {
+    // Prefix mode adds op codes 16-20 after the ordinary ones.
+    switch (in_.Byte() % (prefix_mode_ ? 21 : 16)) {
       case 0: case 1: case 2: OpAlloc(); break;
       case 3: case 4: case 5: OpGrow(); break;
       case 6: case 7: case 8: OpStep(); break;
@@ -1144,6 +1543,12 @@ void Harness::Run() {
         break;
       }
       case 14: OpSetPlan(); break;
+      case 16: OpKeepPrefix(); break;
+      case 17: OpAllocWithPrefix(); break;
+      case 18: OpFork(); break;
+      case 19: OpDropPrefix(); break;
+      case 20: OpCheckValues(PickSlot(true)); break;
+      case 15:
       default: {
         const std::uint8_t b = in_.Byte();
         if (b < 120) {
@@ -1159,6 +1564,11 @@ void Harness::Run() {
     CheckInvariants();
   }
   DestroyCache(cfg_.fault_in_destructor);
+  // VATTN_FUZZ_TRACE=1 prints the calls an input made (to see what a seed
+  // input exercises).
+  if (std::getenv("VATTN_FUZZ_TRACE") != nullptr) {
+    for (const std::string& line : log_) std::fprintf(stderr, "  %s\n", line.c_str());
+  }
 }
 
 }  // namespace
@@ -1169,6 +1579,9 @@ namespace {
 // products overflow (issue 9 §4.6), and nothing else. A separate input kind,
 // so that the ordinary inputs decode the same whatever the switches say.
 constexpr std::uint8_t kOverflowMagic[] = {0xFF, 0xFE, 'O'};
+// Inputs that start with kPrefixMagic run with prefix sharing's ops (see the
+// file comment); the rest of the input decodes as an ordinary one.
+constexpr std::uint8_t kPrefixMagic[] = {0xFF, 0xFE, 'P'};
 
 void RunOverflowOptions(Reader& in) {
   // Today these reach signed overflow in Create (UBSan aborts): only with
@@ -1221,8 +1634,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data,
     RunOverflowOptions(in);
     return 0;
   }
-  Reader in(data, size);
-  Harness harness(in);
+  const bool prefix_mode =
+      size >= sizeof(kPrefixMagic) &&
+      std::memcmp(data, kPrefixMagic, sizeof(kPrefixMagic)) == 0;
+  const std::size_t skip = prefix_mode ? sizeof(kPrefixMagic) : 0;
+  Reader in(data + skip, size - skip);
+  Harness harness(in, prefix_mode);
   harness.Run();
   return 0;
 }
