@@ -94,6 +94,7 @@ KVCacheOptions FromC(const vattn_cache_options& c) {
   o.map_ahead_tokens = c.map_ahead_tokens;
   o.pool_low_water = c.pool_low_water;
   o.pool_high_water = c.pool_high_water;
+  o.max_prefixes = c.max_prefixes;
   if (c.arbiter != nullptr) o.arbiter = c.arbiter->arbiter;
   o.arbiter_floor_bytes = c.arbiter_floor_bytes;
   o.arbiter_cap_bytes = c.arbiter_cap_bytes;
@@ -121,6 +122,7 @@ void ToC(const KVCacheOptions& o, vattn_cache_options* c) {
   c->map_ahead_tokens = o.map_ahead_tokens;
   c->pool_low_water = o.pool_low_water;
   c->pool_high_water = o.pool_high_water;
+  c->max_prefixes = o.max_prefixes;
   // A C handle to o.arbiter would need an owner, and the name storage:
   // options filled here name neither; the caller sets them.
   c->arbiter = nullptr;
@@ -162,6 +164,16 @@ void ToC(const CacheStats& s, vattn_cache_stats* c) {
   c->quarantined_extents = s.quarantined_extents;
   c->quarantined_bytes = s.quarantined_bytes;
   c->background_failures = s.background_failures;
+  c->shared_bytes = s.shared_bytes;
+  c->shared_saved_bytes = s.shared_saved_bytes;
+  c->cached_prefixes = s.cached_prefixes;
+  c->cached_prefix_bytes = s.cached_prefix_bytes;
+  c->prefix_hits = s.prefix_hits;
+  c->forks = s.forks;
+  c->prefix_evictions = s.prefix_evictions;
+  c->cow_copied_bytes = s.cow_copied_bytes;
+  c->copy_calls = s.copy_calls;
+  c->set_access_calls = s.set_access_calls;
 }
 
 // A new backend handle in *out, or the factory's error.

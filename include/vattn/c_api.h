@@ -23,11 +23,12 @@
  *  * Outputs. Output arguments are written only on success, except that a
  *    handle output (vattn_backend**, vattn_cache**) is set to NULL when the
  *    call fails and the pointer to it is not NULL.
- *  * Versioned structs. vattn_cache_options, vattn_cache_stats and
- *    vattn_slot_info start with `size_t struct_size`, which the caller sets to
- *    sizeof the struct it was compiled with; a size this library does not
- *    know is InvalidArgument, so a program built against another version of
- *    this header fails cleanly instead of reading or writing past a struct.
+ *  * Versioned structs. vattn_cache_options, vattn_cache_stats,
+ *    vattn_slot_info and vattn_prefix_info start with `size_t struct_size`,
+ *    which the caller sets to sizeof the struct it was compiled with; a
+ *    size this library does not know is InvalidArgument, so a program built
+ *    against another version of this header fails cleanly instead of
+ *    reading or writing past a struct.
  *  * Threads. As in C++: every call is thread-safe, and calls on one cache
  *    from several threads at once are fine. A handle must not be released or
  *    destroyed while another thread is using it, nor used afterwards.
@@ -178,6 +179,9 @@ typedef struct vattn_cache_options {
   int64_t map_ahead_tokens;
   int pool_low_water;
   int pool_high_water;
+
+  /* Prefix sharing: cached prefixes held at once (0: KeepPrefix off). */
+  int max_prefixes;
 
   /* Shared budget (vattn/memory_arbiter.h; see "Elastic memory" below). */
   vattn_arbiter* arbiter;     /* NULL: the cache's own budget. The cache takes
@@ -341,6 +345,18 @@ typedef struct vattn_cache_stats {
   int64_t quarantined_extents;
   int64_t quarantined_bytes;
   int64_t background_failures;
+
+  /* Prefix sharing (see "Prefix sharing" below and vattn::CacheStats). */
+  int64_t shared_bytes;        /* Physical bytes mapped in several places. */
+  int64_t shared_saved_bytes;  /* What the sharers would need on top. */
+  int64_t cached_prefixes;
+  int64_t cached_prefix_bytes;
+  int64_t prefix_hits;         /* vattn_cache_alloc_slot_with_prefix successes. */
+  int64_t forks;               /* vattn_cache_fork successes. */
+  int64_t prefix_evictions;    /* Cached prefixes reclaimed under pressure. */
+  int64_t cow_copied_bytes;    /* Tails copied at share time. */
+  int64_t copy_calls;          /* Backend device-to-device copies. */
+  int64_t set_access_calls;    /* Backend access changes (read-only). */
 } vattn_cache_stats;
 
 /* Fills *out (whose struct_size the caller has set). InvalidArgument: a NULL
@@ -395,6 +411,117 @@ VATTN_EXPORT int vattn_cache_slot_ranges(const vattn_cache* cache, int slot,
  * never moves for the cache's life. InvalidArgument: a NULL argument. */
 VATTN_EXPORT int vattn_cache_reservation(const vattn_cache* cache,
                                          vattn_memory_range* out);
+
+/* ---- Prefix sharing (KVCache::KeepPrefix and friends) --------------------
+ * A request's first tokens can be another request's without a copy: the
+ * slots map the same physical extents, read-only, and their views read them
+ * as their own contiguous KV (unchanged kernels). The engine names prefixes
+ * by a 64-bit id and owns hashing and matching; vattn owns the memory. Whole
+ * extents inside the shared tokens are aliased; the tokens of an extent that
+ * is only partly shared (the tail) are copied into a fresh extent of the new
+ * slot at share time. The shared part is read-only for every slot that maps
+ * it, the owner included: a write through it faults (SIGSEGV on the Host
+ * backend, a device fault on CUDA). A shared extent counts once in physical
+ * bytes and the budget; a cached prefix no request uses is reclaimed, with
+ * the idle slots, when memory is needed. vattn/kv_cache.h says the rest.
+ *
+ * Streams: the copies are ordered on a CUDA stream. With has_stream non-zero
+ * they go on `stream` (a CUstream; NULL is the legacy default stream); with
+ * has_stream 0 `stream` is ignored and the C++ overload without a stream is
+ * called (the legacy default stream). Backends without streams ignore both.
+ * Every call is thread-safe, as the rest of the cache.
+ *
+ *   int owner, user;
+ *   vattn_cache_alloc_slot_split(cache, 2100, 2048, &owner);  // prefix boundary
+ *   vattn_cache_grow(cache, owner, 2100);          // prefill, write the K/V
+ *   vattn_cache_keep_prefix(cache, owner, 2048, 42, NULL, 0);
+ *   vattn_cache_alloc_slot_with_prefix(cache, 42, 2150, 0, NULL, 0, &user);
+ *   vattn_cache_drop_prefix(cache, 42);            // users keep the memory
+ */
+
+/* vattn_cache_alloc_slot with the prompt's prefix boundary
+ * (`split_at_tokens`, e.g. the system prompt's length; 0: none): the slot
+ * maps one extent up to that boundary, rounded down to the granularity, and
+ * separate extents after it, so the prefix can later be kept whole (costs
+ * one more map per request when the boundary is not the first extent's end
+ * anyway). The slot in *slot. InvalidArgument: a NULL argument,
+ * expected_tokens < 0 or split_at_tokens < 0. OutOfRange: either above
+ * max_tokens. ResourceExhausted: every slot is active. */
+VATTN_EXPORT int vattn_cache_alloc_slot_split(vattn_cache* cache,
+                                              int64_t expected_tokens,
+                                              int64_t split_at_tokens,
+                                              int* slot);
+
+/* vattn_cache_grow, setting the slot's prefix boundary first (see
+ * vattn_cache_alloc_slot_split; a boundary at or below what the slot maps
+ * already changes nothing there). Errors as vattn_cache_grow's; also
+ * InvalidArgument for split_at_tokens < 0, OutOfRange above max_tokens. */
+VATTN_EXPORT int vattn_cache_grow_split(vattn_cache* cache, int slot,
+                                        int64_t tokens,
+                                        int64_t split_at_tokens);
+
+/* Keeps tokens [0, tokens) of an active slot as a cached prefix named
+ * `prefix_id`, which outlives the slot's request. The slot's extents inside
+ * the prefix turn read-only in the slot too; the tail is copied once into
+ * memory the prefix keeps (after the work queued on the stream, which must
+ * have written the tokens). The slot may keep growing and writing tokens at
+ * and after `tokens`. InvalidArgument: NULL cache, bad slot, tokens < 1.
+ * OutOfRange: tokens above the slot's length or max_tokens.
+ * FailedPrecondition: the slot is not active. AlreadyExists: `prefix_id`
+ * names a cached prefix already. ResourceExhausted: the tail does not fit
+ * the budget even after reclaiming, or max_prefixes are cached and none can
+ * be evicted. A failure leaves the cache as it was. */
+VATTN_EXPORT int vattn_cache_keep_prefix(vattn_cache* cache, int slot,
+                                         int64_t tokens, uint64_t prefix_id,
+                                         void* stream, int has_stream);
+
+/* Starts a request (its slot in *slot) whose first `tokens` tokens, up to
+ * the prefix's length, are the prefix's, with length `tokens`: its slot maps
+ * the prefix's whole extents read-only and a fresh extent the tail is copied
+ * into, backed to max(tokens, expected_tokens); tokens past the prefix are
+ * backed and the engine prefills them. Counts a prefix hit.
+ * InvalidArgument: NULL cache or slot, tokens < 1, expected_tokens < 0.
+ * OutOfRange: either above max_tokens. NotFound: no cached prefix has this
+ * id (never kept, dropped or evicted). ResourceExhausted: every slot is
+ * active, or the budget cannot hold the tail even after reclaiming (nothing
+ * changed then). */
+VATTN_EXPORT int vattn_cache_alloc_slot_with_prefix(
+    vattn_cache* cache, uint64_t prefix_id, int64_t tokens,
+    int64_t expected_tokens, void* stream, int has_stream, int* slot);
+
+/* Forgets a cached prefix; slots that share its memory keep it, and the
+ * memory goes when the last of them lets go. InvalidArgument: NULL cache.
+ * NotFound: no cached prefix has this id. */
+VATTN_EXPORT int vattn_cache_drop_prefix(vattn_cache* cache,
+                                         uint64_t prefix_id);
+
+/* Starts a request (its slot in *child) sharing every token of the active
+ * `slot` (parallel sampling, beam search): same length, the source's whole
+ * extents mapped read-only in both, a copy of the partly filled last
+ * extent's tokens in a fresh extent. Both then grow independently.
+ * InvalidArgument: NULL cache or child, bad slot. FailedPrecondition: the
+ * slot is not active. ResourceExhausted: as
+ * vattn_cache_alloc_slot_with_prefix. */
+VATTN_EXPORT int vattn_cache_fork(vattn_cache* cache, int slot, void* stream,
+                                  int has_stream, int* child);
+
+/* A snapshot of one cached prefix (vattn::PrefixInfo). */
+typedef struct vattn_prefix_info {
+  size_t struct_size;  /* The caller sets sizeof(vattn_prefix_info). */
+  int64_t tokens;
+  int64_t bytes;       /* Physical bytes it keeps, all tensors. */
+  int64_t tail_bytes;  /* Of which its copied tail. */
+  int whole_extents;   /* Extents aliased by every request using it. */
+  int users;           /* Active slots sharing its memory now. */
+  int64_t hits;        /* Requests started from it. */
+} vattn_prefix_info;
+
+/* Fills *out (whose struct_size the caller has set) for `prefix_id`.
+ * InvalidArgument: a NULL argument or an unknown out->struct_size.
+ * NotFound: no cached prefix has this id. */
+VATTN_EXPORT int vattn_cache_get_prefix(const vattn_cache* cache,
+                                        uint64_t prefix_id,
+                                        vattn_prefix_info* out);
 
 /* ---- Elastic memory (vattn::MemoryArbiter, vattn/memory_arbiter.h) -------
  * One physical budget shared by several caches on one backend: each cache

@@ -34,6 +34,7 @@ class CacheOptions(C.Structure):
         ("map_ahead_tokens", C.c_int64),
         ("pool_low_water", C.c_int),
         ("pool_high_water", C.c_int),
+        ("max_prefixes", C.c_int),
         ("arbiter", C.c_void_p),
         ("arbiter_floor_bytes", C.c_size_t),
         ("arbiter_cap_bytes", C.c_size_t),
