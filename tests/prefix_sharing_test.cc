@@ -6,7 +6,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <atomic>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -349,6 +351,56 @@ TEST(PrefixSharingTest, PressureEvictsUnusedPrefixesNeverMemoryInUse) {
   VATTN_EXPECT_CODE(cache->Grow(huge, 1024),
                     absl::StatusCode::kResourceExhausted);
   EXPECT_TRUE(Holds(*cache, a, 0, 300, 1));
+}
+
+// Threads sharing, forking, stepping and freeing while another keeps and
+// drops prefixes, with the map-ahead thread on and a tight budget (for
+// ThreadSanitizer; the data checks hold whatever the interleaving).
+TEST(PrefixSharingTest, ConcurrentSharingStaysConsistent) {
+  auto backend = Host();
+  KVCacheOptions o = SmallOptions();
+  o.map_ahead_tokens = 32;
+  o.memory_budget_bytes = 48 * kGranule;
+  VATTN_ASSERT_OK_AND_ASSIGN(auto cache, KVCache::Create(o, backend));
+  const int owner = Prefill(*cache, 200, 1, 128);
+  VATTN_ASSERT_OK(cache->KeepPrefix(owner, 200, 1));
+  std::atomic<bool> stop{false};
+  std::thread keeper([&] {
+    for (int i = 0; i < 200 && !stop.load(); ++i) {
+      const std::uint64_t id = 100 + static_cast<std::uint64_t>(i % 3);
+      (void)cache->KeepPrefix(owner, 64 + i % 100, id);
+      (void)cache->DropPrefix(100 + static_cast<std::uint64_t>((i + 1) % 3));
+    }
+  });
+  std::vector<std::thread> users;
+  for (int t = 0; t < 2; ++t) {
+    users.emplace_back([&, t] {
+      for (int i = 0; i < 100; ++i) {
+        absl::StatusOr<int> slot = cache->AllocSlotWithPrefix(1, 200);
+        if (!slot.ok()) continue;
+        EXPECT_TRUE(Holds(*cache, *slot, 0, 200, 1));
+        StepRequest r{*slot, 201 + i % 50};
+        if (cache->Step(absl::MakeConstSpan(&r, 1)).ok()) {
+          EXPECT_TRUE(Write(*cache, *slot, 200, r.tokens, 2 + t).ok());
+        }
+        if (i % 4 == 0) {
+          absl::StatusOr<int> child = cache->Fork(*slot);
+          if (child.ok()) {
+            EXPECT_TRUE(Holds(*cache, *child, 0, 200, 1));
+            EXPECT_TRUE(cache->Free(*child).ok());
+          }
+        }
+        EXPECT_TRUE(cache->Free(*slot).ok());
+      }
+    });
+  }
+  for (std::thread& u : users) u.join();
+  stop = true;
+  keeper.join();
+  EXPECT_TRUE(Holds(*cache, owner, 0, 200, 1));
+  const CacheStats st = cache->Stats();
+  EXPECT_LE(st.physical_bytes, st.budget_bytes);
+  VATTN_EXPECT_OK(cache->WaitForBackgroundIdle());
 }
 
 // Every backend call of KeepPrefix, AllocSlotWithPrefix, Fork and the
