@@ -180,6 +180,7 @@ void SetOption(KVCacheOptions& o, const std::string& name, nb::handle v) {
     VATTN_OPTION(map_ahead_tokens)
     VATTN_OPTION(pool_low_water)
     VATTN_OPTION(pool_high_water)
+    VATTN_OPTION(max_prefixes)
     VATTN_OPTION(arbiter_floor_bytes)
     VATTN_OPTION(arbiter_cap_bytes)
     VATTN_OPTION(arbiter_name)
@@ -213,6 +214,7 @@ nb::dict OptionsToDict(const KVCacheOptions& o) {
   d["map_ahead_tokens"] = o.map_ahead_tokens;
   d["pool_low_water"] = o.pool_low_water;
   d["pool_high_water"] = o.pool_high_water;
+  d["max_prefixes"] = o.max_prefixes;
   d["arbiter_floor_bytes"] = o.arbiter_floor_bytes;
   d["arbiter_cap_bytes"] = o.arbiter_cap_bytes;
   d["arbiter_name"] = o.arbiter_name;
@@ -265,6 +267,10 @@ void BindCache(nb::module_& m) {
   VATTN_STAT(step_map_nanos) VATTN_STAT(background_extents) VATTN_STAT(background_creates)
   VATTN_STAT(background_wakeups) VATTN_STAT(background_deadline_wakeups)
   VATTN_STAT(background_caller_wakeups)
+  VATTN_STAT(shared_bytes) VATTN_STAT(shared_saved_bytes) VATTN_STAT(cached_prefixes)
+  VATTN_STAT(cached_prefix_bytes) VATTN_STAT(prefix_hits) VATTN_STAT(forks)
+  VATTN_STAT(prefix_evictions) VATTN_STAT(cow_copied_bytes) VATTN_STAT(copy_calls)
+  VATTN_STAT(set_access_calls)
 #undef VATTN_STAT
   stats.def("__str__", &CacheStats::ToString)
       .def("__repr__", [](const CacheStats& s) {
@@ -513,6 +519,7 @@ void BindCache(nb::module_& m) {
       .def("__enter__", [](nb::handle self) { return nb::borrow(self); })
       .def("__exit__", [](PyCache& self, nb::args) { self.Close(); });
   // Methods defined in the other translation units go here, one call each.
+  BindPrefix(m, cache_class);
   static_cast<void>(cache_class);
 }
 

@@ -36,6 +36,7 @@ from vattn._vattn import (  # noqa: F401
     NotFoundError,
     OutOfRangeError,
     PermissionDeniedError,
+    PrefixInfo,
     ResourceExhaustedError,
     SlotInfo,
     StepBatch,
