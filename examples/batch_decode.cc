@@ -24,6 +24,7 @@
 //     [--seed=N] [--map_ahead_tokens=N | --no-map-ahead]
 //     [--max_extent_tokens=N] [--budget_mib=N] [--repeats=N] [--vattn-only]
 //     [--check[=SAMPLES]] [--threads=N] [--json=FILE] [--no-progress]
+//     [--shared-prefix=TOKENS]
 //   batch_decode --models=2 [flags]   several models sharing one budget
 //     (examples/decode/elastic_cli.h; --models=2 --help lists its flags)
 
@@ -83,6 +84,12 @@ constexpr const char* kUsage = R"(usage: batch_decode [flags]
   --threads=N                CPU attention threads (default: every core)
   --json=FILE                write the summary as JSON
   --no-progress              no progress bar
+  --shared-prefix=TOKENS     every request starts with the same TOKENS-token
+                             system prompt (added to its prompt); vattn keeps
+                             it once (KeepPrefix after the first prefill,
+                             AllocSlotWithPrefix for the rest) and the run is
+                             repeated without sharing to report the memory
+                             saved (examples/decode/shared_prefix.h)
   --models=N|A,B             N models (one cache each) sharing one budget
                              through a MemoryArbiter, bursts alternating
                              between them, against a static split; a table
@@ -111,6 +118,7 @@ struct Flags {
   int threads = 0;
   std::optional<std::string> json;
   bool progress = true;
+  std::int64_t shared_prefix = 0;
 };
 
 bool ParseRange(std::string_view v, std::pair<std::int64_t, std::int64_t>* r) {
@@ -206,6 +214,7 @@ std::string ParseFlags(int argc, char** argv, Flags* f) {
     } else if (key == "check") { ok = to_int(&f->check);
     } else if (key == "threads") { ok = to_int(&f->threads);
     } else if (key == "json") { f->json = value;
+    } else if (key == "shared_prefix") { ok = to_int(&f->shared_prefix);
     } else {
       return fmt::format("unknown flag --{}", key);
     }
@@ -562,6 +571,17 @@ int main(int argc, char** argv) {
                                        prompt.second, output.first, output.second, f.seed);
   }
 
+  // The shared system prompt starts every request.
+  c.shared_prefix_tokens = f.shared_prefix;
+  if (f.shared_prefix > 0) {
+    std::int64_t longest_request = 0;
+    for (vdecode::Request& r : requests) {
+      r.prompt_tokens += f.shared_prefix;
+      longest_request = std::max(longest_request, r.prompt_tokens + r.output_tokens);
+    }
+    if (!f.max_tokens) c.max_tokens = std::max(c.max_tokens, longest_request);
+  }
+
   fmt::print("backend      {}: {}\n", choice->backend->capabilities().name, choice->why);
   fmt::print("model        {}: {} layers, {} KV heads, {} query heads, head dim {}, {} "
              "({} of K/V per token)\n",
@@ -579,6 +599,10 @@ int main(int argc, char** argv) {
              prompt_sum, output_sum, longest, c.max_slots, c.max_tokens,
              vattn::LayoutName(c.layout),
              c.map_ahead_tokens > 0 ? fmt::format("{} tokens", c.map_ahead_tokens) : "off");
+  if (f.shared_prefix > 0) {
+    fmt::print("             every prompt starts with the same {}-token system prompt\n",
+               f.shared_prefix);
+  }
   // Both engines get the same memory: the paged pool is that many bytes of
   // blocks, vattn's memory_budget_bytes is that. On a GPU, 2x: its 256-token
   // look-ahead maps ahead of every request and of the next step's prompts,
@@ -624,6 +648,23 @@ int main(int argc, char** argv) {
     }
   }
   PrintTable(engines);
+  if (f.shared_prefix > 0) {
+    // The same requests on vattn, every request holding its own copy.
+    ProgressBar bar(f.progress);
+    c.engine = Engine::kVattn;
+    c.share_prefix = false;
+    c.progress = [&bar](const vdecode::ProgressInfo& p) { bar.Update(p); };
+    absl::StatusOr<RunResult> unshared = vdecode::RunDecode(c, requests);
+    if (!unshared.ok()) {
+      return Fail(fmt::format("vattn run without sharing failed: {}",
+                              unshared.status().ToString()));
+    }
+    const RunResult& shared = engines[0].runs.front();
+    fmt::print("  vattn without sharing: {:.1f} tokens/s, peak physical {} MiB, in use {} MiB\n",
+               unshared->tokens_per_s, Mib(unshared->peak_physical_bytes),
+               Mib(unshared->peak_in_use_bytes));
+    fmt::print("{}", vdecode::SharedPrefixSummary(shared.sharing, unshared->sharing));
+  }
   if (f.json) {
     std::ofstream out(*f.json);
     out << ToJson(c, engines);

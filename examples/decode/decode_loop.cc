@@ -246,6 +246,16 @@ class KvStore {
   virtual MemoryUse Memory() const = 0;
   virtual std::int64_t driver_calls() const = 0;
   virtual std::string name() const = 0;
+  // The shared system prompt (shared_prefix.h): true while the row maps the
+  // kept prompt (its prefill skips those rows); called after the fill of a
+  // step in which the row prefilled; peaks and counters into *s.
+  virtual bool PrefixMapped(int /*row*/) const { return false; }
+  // Keeping the prompt before the first step: a row backed to the prompt
+  // for the loop to fill (-1: this store does not keep it), then End.
+  virtual absl::StatusOr<int> BeginPrefix() { return -1; }
+  virtual absl::Status EndPrefix(int /*row*/) { return absl::OkStatus(); }
+  virtual absl::Status AfterPrefill(int /*row*/) { return absl::OkStatus(); }
+  virtual void SampleSharing(PrefixSharing* /*s*/) const {}
 };
 
 class VattnStore final : public KvStore {
@@ -286,12 +296,34 @@ class VattnStore final : public KvStore {
     o.pool_high_water = c.map_ahead_tokens > 0 ? std::max(low, high) : 0;
     VATTN_ASSIGN_OR_RETURN(std::unique_ptr<vattn::KVCache> cache,
                            vattn::KVCache::Create(o, c.backend));
-    return std::unique_ptr<VattnStore>(
+    std::unique_ptr<VattnStore> store(
         new VattnStore(std::move(cache), c.shape.dtype, stream));
+    if (c.shared_prefix_tokens > 0 && c.share_prefix) {
+      store->sharer_ = std::make_unique<PrefixSharer>(
+          store->cache_.get(), c.shared_prefix_tokens, stream);
+    }
+    return store;
   }
 
   absl::StatusOr<int> Admit(std::int64_t prompt_tokens) override {
+    if (sharer_ != nullptr) return sharer_->Admit(prompt_tokens);
     return cache_->AllocSlot(prompt_tokens);
+  }
+  bool PrefixMapped(int row) const override {
+    return sharer_ != nullptr && sharer_->Mapped(row);
+  }
+  absl::StatusOr<int> BeginPrefix() override {
+    if (sharer_ == nullptr) return -1;
+    return sharer_->Begin();
+  }
+  absl::Status EndPrefix(int row) override { return sharer_->End(row); }
+  absl::Status AfterPrefill(int row) override {
+    return sharer_ != nullptr ? sharer_->AfterPrefill(row) : absl::OkStatus();
+  }
+  void SampleSharing(PrefixSharing* s) const override {
+    if (sharer_ != nullptr) sharer_->Sample(s);
+    const vattn::CacheStats st = cache_->Stats();
+    s->peak_held_bytes = std::max(s->peak_held_bytes, st.physical_bytes - st.pooled_bytes);
   }
   absl::Status Prepare(const std::vector<vattn::StepRequest>& batch,
                        std::int64_t* misses) override {
@@ -300,6 +332,7 @@ class VattnStore final : public KvStore {
     return absl::OkStatus();
   }
   absl::Status Release(int row) override {
+    if (sharer_ != nullptr) sharer_->Released(row);
     if (stream_ != nullptr) {
       return cache_->Free(row, vattn::Stream::FromHandle(stream_));
     }
@@ -330,7 +363,18 @@ class VattnStore final : public KvStore {
         m.reclaimable += info->mapped_bytes;
       }
     }
-    m.pooled = cache_->Stats().pooled_bytes;
+    const vattn::CacheStats st = cache_->Stats();
+    m.pooled = st.pooled_bytes;
+    if (sharer_ != nullptr) {
+      // The kept prompt's extents are adopted by every slot that shares them
+      // but are one physical allocation: count them once; and a freed slot's
+      // mapping of them frees nothing, so what is reclaimable is at most
+      // what is held beyond the memory in use.
+      m.in_use -= sharer_->SharedOvercount();
+      m.reclaimable = std::min(
+          m.reclaimable,
+          std::max<std::int64_t>(0, st.physical_bytes - st.pooled_bytes - m.in_use));
+    }
     return m;
   }
   std::int64_t driver_calls() const override {
@@ -347,6 +391,7 @@ class VattnStore final : public KvStore {
   std::unique_ptr<vattn::KVCache> cache_;
   DType dtype_;
   void* stream_;  // The compute stream Free fences (CUDA), or nullptr.
+  std::unique_ptr<PrefixSharer> sharer_;  // With a shared prompt kept once.
 };
 
 // The paged baseline: one pool of 16-token blocks for all layers
@@ -557,6 +602,16 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
           c.max_tokens));
     }
   }
+  if (c.shared_prefix_tokens < 0) {
+    return absl::InvalidArgumentError("shared_prefix_tokens < 0");
+  }
+  for (std::size_t i = 0; i < requests.size() && c.shared_prefix_tokens > 0; ++i) {
+    if (requests[i].prompt_tokens < c.shared_prefix_tokens) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "request ", i, ": prompt ", requests[i].prompt_tokens,
+          " is shorter than the shared prompt of ", c.shared_prefix_tokens, " tokens"));
+    }
+  }
   const bool gpu = c.device == Device::kCuda;
   const int L = m.layers;
   const int rows = c.max_slots + c.max_slots / 4 + 1;
@@ -599,7 +654,8 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
     dev.out = static_cast<float*>(p);
     DECODE_CUDA(cuda::Malloc(&p, static_cast<std::size_t>(2 * rows) * sizeof(std::int32_t)));
     dev.meta = static_cast<std::int32_t*>(p);
-    DECODE_CUDA(cuda::Malloc(&p, static_cast<std::size_t>(rows) * sizeof(FillItem)));
+    // Two fill items per row at most (a prefill: the shared prompt, its own).
+    DECODE_CUDA(cuda::Malloc(&p, static_cast<std::size_t>(2 * rows) * sizeof(FillItem)));
     dev.items = static_cast<FillItem*>(p);
     DECODE_CUDA(cuda::Malloc(&p, static_cast<std::size_t>(2 * L) * sizeof(void*)));
     dev.layer_ptrs = static_cast<void**>(p);
@@ -667,6 +723,30 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
   fill.head_dim = m.head_dim;
   fill.seed = c.seed;
 
+  // ---- The shared prompt, kept once before the first step (vattn) --------------
+  if (c.shared_prefix_tokens > 0) {
+    VATTN_ASSIGN_OR_RETURN(const int row, store->BeginPrefix());
+    if (row >= 0) {
+      FillItem item;
+      item.row = row;
+      item.start = 0;
+      item.count = static_cast<std::int32_t>(c.shared_prefix_tokens);
+      item.id = kSharedPrefixFillId;
+      fill.num_items = 1;
+      fill.max_count = item.count;
+      if (gpu) {
+        DECODE_CUDA(cuda::CopyToDevice(dev.items, &item, sizeof(item), dev.stream));
+        fill.items = dev.items;
+        DECODE_CUDA(cuda::FillKv(fill, dev.stream));
+      } else {
+        fill.items = &item;
+        CpuFillKv(fill, pool);
+      }
+      VATTN_RETURN_IF_ERROR(store->EndPrefix(row));
+      if (gpu) DECODE_CUDA(cuda::StreamSync(dev.stream));
+    }
+  }
+
   // ---- Check sampling ---------------------------------------------------------
   std::set<std::size_t> check_steps;
   if (c.check_samples > 0) {
@@ -696,6 +776,7 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
     res.peak_in_use_overlap_bytes = std::max(res.peak_in_use_overlap_bytes, u.in_use);
     res.peak_reclaimable_bytes = std::max(res.peak_reclaimable_bytes, u.reclaimable);
     res.peak_pooled_bytes = std::max(res.peak_pooled_bytes, u.pooled);
+    if (c.shared_prefix_tokens > 0) store->SampleSharing(&res.sharing);
     return Clock::now() - s0;
   };
   Clock::time_point last_progress = Clock::now();
@@ -713,12 +794,14 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
   std::vector<FillItem> items;
   std::vector<std::int32_t> meta;  // rows | lengths
   std::vector<int> finished;
+  std::vector<int> prefilled;  // Rows that prefilled this step (shared prompt).
   for (std::size_t pi = 0; pi < plan.size(); ++pi) {
     const PlannedStep& ps = plan[pi];
     const int B = static_cast<int>(ps.active.size());
     const bool checking = check_steps.count(pi) > 0;
     batch.clear();
     items.clear();
+    prefilled.clear();
     meta.assign(static_cast<std::size_t>(2 * B), 0);
     std::int64_t live_tokens = 0;
     std::int64_t max_fill = 0;
@@ -732,13 +815,22 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
       if (s.len == 0) {  // Prefill step: the prompt and the first new token.
         it.start = 0;
         it.count = static_cast<std::int32_t>(r.prompt_tokens + 1);
-        res.prefill_tokens += r.prompt_tokens;
+        // The shared prompt's rows under their own id (none when the row
+        // maps the kept prompt: only its own rows are written, and counted).
+        const bool mapped = store->PrefixMapped(s.row);
+        res.prefill_tokens += r.prompt_tokens - (mapped ? c.shared_prefix_tokens : 0);
+        const std::size_t first = items.size();
+        AppendPrefillItems(s.row, it.id, it.count, c.shared_prefix_tokens, mapped, &items);
+        for (std::size_t x = first; x < items.size(); ++x) {
+          max_fill = std::max<std::int64_t>(max_fill, items[x].count);
+        }
+        if (c.shared_prefix_tokens > 0) prefilled.push_back(s.row);
       } else {
         it.start = static_cast<std::int32_t>(s.len);
         it.count = 1;
+        items.push_back(it);
+        max_fill = std::max<std::int64_t>(max_fill, it.count);
       }
-      items.push_back(it);
-      max_fill = std::max<std::int64_t>(max_fill, it.count);
       const std::int64_t tokens = it.start + it.count;
       batch.push_back({s.row, tokens});
       meta[static_cast<std::size_t>(j)] = s.row;
@@ -789,7 +881,7 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
     args.paged = store->table();
     args.num_requests = B;
     fill.items = items.data();
-    fill.num_items = B;
+    fill.num_items = static_cast<int>(items.size());
     fill.max_count = static_cast<int>(max_fill);
     if (gpu) {
       DECODE_CUDA(cuda::CopyToDevice(dev.meta, meta.data(),
@@ -832,6 +924,9 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
       attention_us += Us(a1 - a0);
     }
 
+    // The shared prompt is kept once a request has prefilled it (the copy,
+    // if any, ordered after the fill on the stream).
+    for (int row : prefilled) VATTN_RETURN_IF_ERROR(store->AfterPrefill(row));
     // Finished requests leave (fenced on the stream on CUDA).
     untimed += sample_memory(/*overlap=*/true);
     finished.clear();
@@ -873,6 +968,11 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
         ref.v = store->V(l);
         ref.paged.table = store->host_table();
         ReferenceDecodeAttention(ref, j, &expect);
+        // The shared prompt's rows read through this row are the prompt's.
+        VATTN_RETURN_IF_ERROR(CheckPrefixRows(
+            ref.k, ref.v, ref.paged, meta[static_cast<std::size_t>(j)], l, m.kv_heads,
+            m.head_dim, std::min(ctx, c.shared_prefix_tokens), c.seed,
+            &res.sharing.rows_checked));
         const float* o = host_out.data() + l * out_layer_elems + j * head_elems;
         std::copy(o, o + head_elems, got.begin());
       } else {
@@ -928,6 +1028,9 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
         ref.lengths = &len32;
         ref.q = hq.data();
         ReferenceDecodeAttention(ref, 0, &expect);
+        VATTN_RETURN_IF_ERROR(CheckPrefixRows(
+            ref.k, ref.v, BlockTable{}, 0, l, m.kv_heads, m.head_dim,
+            std::min(ctx, c.shared_prefix_tokens), c.seed, &res.sharing.rows_checked));
       }
       CheckSample cs;
       cs.step = static_cast<std::int64_t>(pi);
@@ -998,6 +1101,12 @@ absl::StatusOr<RunResult> RunDecode(const DecodeConfig& c,
   res.peak_physical_bytes = store->peak_physical_bytes();
   res.budget_bytes = c.budget_bytes;
   res.peak_logical_bytes = peak_logical_tokens * m.BytesPerToken();
+  if (c.shared_prefix_tokens > 0) {
+    res.sharing.prefix_tokens = c.shared_prefix_tokens;
+    store->SampleSharing(&res.sharing);
+    res.sharing.peak_physical_bytes = res.peak_physical_bytes;
+    res.sharing.peak_in_use_bytes = res.peak_in_use_bytes;
+  }
   // The remaining slots are idle; the store (and its cache) goes away here,
   // after the stream has drained.
   if (gpu) DECODE_CUDA(cuda::StreamSync(dev.stream));

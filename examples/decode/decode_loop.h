@@ -25,6 +25,7 @@
 
 #include "absl/status/statusor.h"
 #include "attention.h"
+#include "shared_prefix.h"
 #include "vattn/vattn.h"
 
 namespace vdecode {
@@ -130,6 +131,12 @@ struct DecodeConfig {
   // The backend vattn maps through: a Host backend for Device::kCpu, a CUDA
   // backend for Device::kCuda. Unused by the paged engine.
   std::shared_ptr<vattn::Backend> backend;
+  // A system prompt of this many tokens starts every request (its K/V rows
+  // are the same in all; requests' prompt_tokens include it; 0: none). With
+  // share_prefix, the vattn engine keeps it once and starts requests from
+  // it (shared_prefix.h); otherwise every request holds its own copy.
+  std::int64_t shared_prefix_tokens = 0;
+  bool share_prefix = true;
   int threads = 0;  // CPU kernel threads (0: every core).
   // Attention outputs (request, layer) compared with the float64 reference
   // over the run; 0 checks none. A sample over the tolerance fails the run.
@@ -190,6 +197,7 @@ struct RunResult {
   std::int64_t peak_pooled_bytes = 0;
   std::int64_t budget_bytes = 0;  // 0: none.
   std::vector<CheckSample> checks;
+  PrefixSharing sharing;  // With shared_prefix_tokens > 0.
   double max_rel_error = 0;
   double tolerance = 0;
 };
