@@ -106,6 +106,13 @@ constexpr bool kAllocWithPrefixBacksExpected = false;
 // whose KeepPrefix or Fork failed under two faults never writes below the
 // prefix again.
 constexpr bool kPrefixDoubleFaultsClean = false;
+// Prefix mode: KeepPrefix and Fork reclaim the slot's own surplus (memory an
+// earlier request left, mapped past what the request backs) when the budget
+// is short. Off until fixed: the slot is marked busy for the call, so
+// reclamation skips it and the call may fail with ResourceExhausted though
+// that surplus would have been enough (found by this fuzzer, seed
+// prefix-fork-source-surplus).
+constexpr bool kPrefixReclaimsOwnSurplus = false;
 
 constexpr int kMaxOps = 96;
 constexpr std::int64_t kMiB = std::int64_t{1} << 20;
@@ -293,7 +300,8 @@ class Harness {
     return Injected() > injected_before;
   }
   // May Grow/Step of `slot` to `tokens` fail with ResourceExhausted?
-  bool ExhaustionPossible(int slot, std::int64_t tokens);
+  // `extra`: more bytes the call cannot reclaim (prefix mode).
+  bool ExhaustionPossible(int slot, std::int64_t tokens, std::int64_t extra = 0);
   // Today a fault the background thread met is returned by every later
   // call, before its own checks (kBackgroundFaultsNotSticky off); such a
   // call changes nothing.
@@ -673,7 +681,8 @@ unsigned char* Harness::TokenByte(int slot, std::int64_t token,
   return reinterpret_cast<unsigned char*>(addr);
 }
 
-bool Harness::ExhaustionPossible(int slot, std::int64_t tokens) {
+bool Harness::ExhaustionPossible(int slot, std::int64_t tokens,
+                                 std::int64_t extra) {
   const std::int64_t budget = Budget();
   // What the active requests other than `slot` must keep mapped, after the
   // call (the call may have grown earlier requests of a batch).
@@ -701,7 +710,7 @@ bool Harness::ExhaustionPossible(int slot, std::int64_t tokens) {
     // largest extents it could be moving.
     slack += stats.pooled_bytes + NeedBytes(cfg_.opts.max_tokens);
   }
-  return pinned + NeedBytes(tokens) + slack > budget;
+  return pinned + NeedBytes(tokens) + extra + slack > budget;
 }
 
 void Harness::CheckInvariants() {
@@ -1286,7 +1295,12 @@ void Harness::OpKeepPrefix() {
   if (!status.ok()) {
     bool explained = FaultMayExplain(injected_before) || StickyExplains(got);
     if (!explained && got == absl::StatusCode::kResourceExhausted) {
-      explained = ExhaustionPossible(-1, tokens) ||
+      absl::StatusOr<vattn::SlotInfo> own = cache_->GetSlot(slot);
+      const std::int64_t surplus =
+          !kPrefixReclaimsOwnSurplus && own.ok()
+              ? own->mapped_bytes - own->adopted_bytes
+              : 0;
+      explained = ExhaustionPossible(-1, tokens, surplus) ||
                   cache_->Stats().cached_prefixes >= cfg_.opts.max_prefixes;
     }
     if (!explained) {
@@ -1438,7 +1452,12 @@ void Harness::OpFork() {
   if (!child.ok()) {
     bool explained = FaultMayExplain(injected_before) || StickyExplains(got);
     if (!explained && got == absl::StatusCode::kResourceExhausted) {
-      explained = ExhaustionPossible(-1, s.length);
+      absl::StatusOr<vattn::SlotInfo> own = cache_->GetSlot(src);
+      const std::int64_t surplus =
+          !kPrefixReclaimsOwnSurplus && own.ok()
+              ? own->mapped_bytes - own->adopted_bytes
+              : 0;
+      explained = ExhaustionPossible(-1, s.length, surplus);
     }
     if (!explained) {
       Fail(absl::StrFormat("Fork(%d) returned %s", src,
