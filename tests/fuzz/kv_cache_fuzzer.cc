@@ -332,6 +332,10 @@ class Harness {
 
   [[noreturn]] void Fail(const std::string& what);
   void Log(std::string line) {
+    // VATTN_FUZZ_TRACE=1 prints every call as it is made (to see what a
+    // seed input exercises, or where it crashed).
+    static const bool trace = std::getenv("VATTN_FUZZ_TRACE") != nullptr;
+    if (trace) std::fprintf(stderr, "  %s\n", line.c_str());
     log_.push_back(std::move(line));
     if (log_.size() > 200) log_.erase(log_.begin());
   }
@@ -1583,11 +1587,6 @@ void Harness::Run() {
     CheckInvariants();
   }
   DestroyCache(cfg_.fault_in_destructor);
-  // VATTN_FUZZ_TRACE=1 prints the calls an input made (to see what a seed
-  // input exercises).
-  if (std::getenv("VATTN_FUZZ_TRACE") != nullptr) {
-    for (const std::string& line : log_) std::fprintf(stderr, "  %s\n", line.c_str());
-  }
 }
 
 }  // namespace
