@@ -174,6 +174,10 @@ void ToC(const CacheStats& s, vattn_cache_stats* c) {
   c->cow_copied_bytes = s.cow_copied_bytes;
   c->copy_calls = s.copy_calls;
   c->set_access_calls = s.set_access_calls;
+  c->exported_bytes = s.exported_bytes;
+  c->imported_bytes = s.imported_bytes;
+  c->exported_slots = s.exported_slots;
+  c->imported_slots = s.imported_slots;
 }
 
 // A new backend handle in *out, or the factory's error.

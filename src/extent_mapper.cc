@@ -124,10 +124,19 @@ void ExtentMapper::LetGoLocked(Extent extent) {
       // The handles stay with whoever else holds them.
       if (!ledger_.DropMapping(*extent.shared)) return;
       break;
-    case ExtentOrigin::kExported:
+    case ExtentOrigin::kExported: {
+      // Never pooled: another process may still map the memory. The pool
+      // handed these handles out, so it keeps the books (physical bytes).
+      std::vector<PhysicalHandle> handles(extent.handles.begin(),
+                                          extent.handles.end());
+      (void)pool_->DestroyHandedOut(std::move(handles),
+                                    static_cast<std::size_t>(extent.bytes));
+      return;
+    }
     case ExtentOrigin::kImported:
-      // Never pooled: another process holds (or made) the memory. Destroy
-      // fails only for a handle still mapped, which a let-go extent is not.
+      // Another process's memory, never this pool's: Destroy drops this
+      // process's reference. It fails only for a handle still mapped,
+      // which a let-go extent is not.
       for (PhysicalHandle h : extent.handles) (void)backend_->Destroy(h);
       return;
   }

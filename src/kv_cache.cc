@@ -222,6 +222,19 @@ absl::Status KVCache::Free(int slot, std::optional<Stream> fence) {
 absl::Status KVCache::Impl::FreeLocked(int slot, std::optional<Stream> fence) {
   VATTN_RETURN_IF_ERROR(CheckActiveLocked(slot));
   Slot& s = At(slot);
+  // Memory exported to or imported from another process (ExportSlot,
+  // ImportSlot) must never back another request here: the slot lets go of
+  // it at once, without dropping the lock between its request's end and the
+  // unmap (so no AllocSlot can take the slot in between).
+  const bool handoff =
+      std::any_of(s.extents().begin(), s.extents().end(), [](const Extent& x) {
+        return x.origin == ExtentOrigin::kExported ||
+               x.origin == ExtentOrigin::kImported;
+      });
+  if (handoff) {
+    WaitNotBusyLocked(slot);
+    VATTN_RETURN_IF_ERROR(CheckActiveLocked(slot));  // Freed meanwhile.
+  }
   if (fence.has_value()) {
     VATTN_ASSIGN_OR_RETURN(FenceId id, backend->RecordFence(*fence));
     if (id != kCompletedFence) s.fences().push_back(id);
@@ -232,7 +245,7 @@ absl::Status KVCache::Impl::FreeLocked(int slot, std::optional<Stream> fence) {
   PrefixSlotFreedLocked(slot);
   placement.OnSlotIdle(slot);
   BooksChangedLocked(slot);
-  if (opts.defer_reclaim) return absl::OkStatus();
+  if (opts.defer_reclaim && !handoff) return absl::OkStatus();
   WaitNotBusyLocked(slot);
   if (s.active()) return absl::OkStatus();  // Reused meanwhile.
   SetOpLocked(slot, SlotOp::kUnmapping);
@@ -402,6 +415,8 @@ CacheStats KVCache::Stats() const {
     out.surplus_bytes = m.totals.surplus * regions;
     out.quarantined_extents = m.totals.quarantined;
     out.quarantined_bytes = m.totals.quarantined_bytes * regions;
+    out.exported_bytes = m.totals.exported * regions;
+    out.imported_bytes = m.totals.imported * regions;
     out.active_slots = m.active_count;
     out.idle_slots_with_memory = m.totals.idle_with_memory;
     out.logical_bytes = m.active_tokens.load(std::memory_order_relaxed) *

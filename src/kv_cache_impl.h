@@ -137,12 +137,18 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
     for (const QuarantinedExtent& q : s.quarantine()) {
       now.quarantined_bytes += q.extent.bytes;
     }
+    for (const Extent& x : s.extents()) {
+      if (x.origin == ExtentOrigin::kExported) now.exported += x.bytes;
+      if (x.origin == ExtentOrigin::kImported) now.imported += x.bytes;
+    }
     Tally& was = tallies[static_cast<std::size_t>(slot)];
     totals.mapped += now.mapped - was.mapped;
     totals.surplus += now.surplus - was.surplus;
     totals.idle_with_memory += now.idle_with_memory - was.idle_with_memory;
     totals.quarantined += now.quarantined - was.quarantined;
     totals.quarantined_bytes += now.quarantined_bytes - was.quarantined_bytes;
+    totals.exported += now.exported - was.exported;
+    totals.imported += now.imported - was.imported;
     was = now;
   }
   // Sets an active slot's length, keeping the logical total.
@@ -389,6 +395,8 @@ struct KVCache::Impl final : ExtentMapperOwner, MapAheadClient {
     std::int64_t idle_with_memory = 0;
     std::int64_t quarantined = 0;
     std::int64_t quarantined_bytes = 0;
+    std::int64_t exported = 0;  // kExported / kImported extents' bytes.
+    std::int64_t imported = 0;
   };
   std::vector<Tally> tallies ABSL_GUARDED_BY(mu);
   Tally totals ABSL_GUARDED_BY(mu);

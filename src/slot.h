@@ -63,6 +63,7 @@ enum class SlotOp : std::uint8_t {
   kMapping,    // Adding an extent; the thread may itself wait for memory.
   kUnmapping,  // Taking extents back (reclamation, Free without deferral).
   kZeroing,    // zero_on_reuse, or waiting on the slot's fences first.
+  kExporting,  // ExportSlot making descriptors of the slot's extents.
 };
 
 // A field Step's fast path reads (and, for the length, writes) without

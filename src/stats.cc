@@ -23,7 +23,8 @@ std::string CacheStats::ToString() const {
       "step: %d calls, %d misses, %.3f ms mapping on the caller; background "
       "mapped %d extents, created %d handles, %d failures, %d wake-ups (%d "
       "on its deadline, %d by callers)\n"
-      "faults: %d extents (%.1f MiB) in quarantine",
+      "faults: %d extents (%.1f MiB) in quarantine\n"
+      "handoff: exported %.1f MiB (%d slots), imported %.1f MiB (%d slots)",
       MiB(physical_bytes), MiB(peak_physical_bytes), MiB(budget_bytes),
       MiB(mapped_bytes), MiB(surplus_bytes), MiB(pooled_bytes),
       MiB(logical_bytes), active_slots,
@@ -33,7 +34,8 @@ std::string CacheStats::ToString() const {
       step_calls, step_misses, static_cast<double>(step_map_nanos) / 1e6,
       background_extents, background_creates, background_failures,
       background_wakeups, background_deadline_wakeups,
-      background_caller_wakeups, quarantined_extents, MiB(quarantined_bytes));
+      background_caller_wakeups, quarantined_extents, MiB(quarantined_bytes),
+      MiB(exported_bytes), exported_slots, MiB(imported_bytes), imported_slots);
 }
 
 }  // namespace vattn

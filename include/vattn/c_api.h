@@ -357,6 +357,12 @@ typedef struct vattn_cache_stats {
   int64_t cow_copied_bytes;    /* Tails copied at share time. */
   int64_t copy_calls;          /* Backend device-to-device copies. */
   int64_t set_access_calls;    /* Backend access changes (read-only). */
+
+  /* Zero-copy handoff (vattn_cache_send_slot / vattn_cache_receive_slot). */
+  int64_t exported_bytes;  /* Mapped here, exported: still this cache's. */
+  int64_t imported_bytes;  /* Mapped here, another process's: not physical. */
+  int64_t exported_slots;
+  int64_t imported_slots;
 } vattn_cache_stats;
 
 /* Fills *out (whose struct_size the caller has set). InvalidArgument: a NULL
@@ -522,6 +528,52 @@ typedef struct vattn_prefix_info {
 VATTN_EXPORT int vattn_cache_get_prefix(const vattn_cache* cache,
                                         uint64_t prefix_id,
                                         vattn_prefix_info* out);
+
+/* ---- Zero-copy handoff between processes (vattn/slot_export.h) ----------
+ * A prefill process hands a request to a decode process on the same machine
+ * (or GPU) without copying it: the decode cache maps the prefill cache's
+ * physical memory into one of its slots and grows it with memory of its
+ * own. The descriptors travel over a connected AF_UNIX SOCK_STREAM socket
+ * (SCM_RIGHTS). The memory lives while either side maps it; each side's
+ * stats say what it counts (exported_bytes / imported_bytes in vattn::
+ * CacheStats). Thread-safe as the rest of the cache; the calls block until
+ * the message is written or has arrived.
+ *
+ *   prefill: vattn_backend_host_exportable(&b);  ... make the cache on b ...
+ *            vattn_cache_send_slot(cache, sock, slot, prompt);
+ *            vattn_cache_free(cache, slot);        // decode keeps the memory
+ *   decode:  vattn_cache_receive_slot(cache, sock, &slot);  // same shape */
+
+/* The Host backend with exportable handles (one memfd per handle; see
+ * vattn::HostBackendOptions::exportable_handles), otherwise the defaults.
+ * The caller owns *out. InvalidArgument: out is NULL. */
+VATTN_EXPORT int vattn_backend_host_exportable(vattn_backend** out);
+
+/* The CUDA backend of `device` with exportable handles (POSIX file
+ * descriptors requested at cuMemCreate, GPUDirect RDMA where supported).
+ * Unavailable: no driver or device, or the device cannot export POSIX
+ * descriptors. InvalidArgument: out is NULL or a bad ordinal. */
+VATTN_EXPORT int vattn_backend_cuda_exportable(int device, vattn_backend** out);
+
+/* Exports tokens [0, tokens) of `slot` and sends them over `sock`
+ * (vattn::SendSlot): afterwards the exported extents never back another
+ * request of this cache (free the slot once sent; write none of its
+ * tokens). InvalidArgument: cache NULL, bad slot or tokens, `sock` not a
+ * connected AF_UNIX stream socket. FailedPrecondition: the slot is not
+ * active or the backend is not exportable. OutOfRange: tokens above what
+ * the slot backs. Unavailable: the peer has gone. */
+VATTN_EXPORT int vattn_cache_send_slot(vattn_cache* cache, int sock, int slot,
+                                       int64_t tokens);
+
+/* Receives one vattn_cache_send_slot message from `sock` and imports it
+ * into a free slot of `cache` (vattn::ReceiveSlot), written to *slot_out;
+ * its length is the sender's `tokens`. Every descriptor received is closed
+ * before the call returns. InvalidArgument: a NULL argument, another shape
+ * (both named in vattn_last_error()), a descriptor that is not an export, a
+ * message that is not a slot export. ResourceExhausted: no free slot.
+ * DataLoss: the message was cut short. Nothing is imported on error. */
+VATTN_EXPORT int vattn_cache_receive_slot(vattn_cache* cache, int sock,
+                                          int* slot_out);
 
 /* ---- Elastic memory (vattn::MemoryArbiter, vattn/memory_arbiter.h) -------
  * One physical budget shared by several caches on one backend: each cache

@@ -32,6 +32,8 @@
 
 namespace vattn {
 
+struct SlotExport;  // vattn/slot_export.h
+
 // A strided 4-D view of one layer's K or V for every slot:
 // shape = {max_slots, max_tokens, num_kv_heads, head_dim}; element
 // (b, t, h, d) is at data + (b*strides[0] + t*strides[1] + h*strides[2] +
@@ -363,6 +365,49 @@ class VATTN_EXPORT KVCache {
   // (UCX over shared memory/CMA or TCP on the Host backend), registering it
   // once covers every SlotRanges; see README, "Scale-out". Thread-safe.
   MemoryRange Reservation() const;
+
+  // ---- Zero-copy handoff to another process (vattn/slot_export.h) -------
+  // Exports the extents that back tokens [0, tokens) of an active slot
+  // (whole extents: they may back more) for another process to map with
+  // ImportSlot: fills *out with their description and appends one new file
+  // descriptor per extent and region to *fds (extent-major; the caller owns
+  // and closes them, usually through SendSlot). From then on those extents
+  // are never pooled, reused by another request or reclaimed: Free unmaps
+  // and destroys them at once (the peer keeps the memory alive), and they
+  // count in CacheStats::exported_bytes until then. The caller has
+  // finished writing the tokens (on CUDA, synchronised the work that wrote
+  // them) and writes none of the exported extents afterwards: the importer
+  // owns the request from here (it writes past `tokens` into the last
+  // extent). Exporting the same tokens again is allowed (new descriptors).
+  // InvalidArgument: bad slot, tokens < 0, null out or fds.
+  // FailedPrecondition: the slot is not active, or an extent to export is
+  // shared (prefix sharing) or imported, or the backend was not made with
+  // exportable handles (HostBackendOptions / CudaBackendOptions::
+  // exportable_handles). OutOfRange: tokens above the slot's backed tokens.
+  // A backend error (out of descriptors: ResourceExhausted) leaves the
+  // cache as it was and no descriptor open. Thread-safe; the slot is busy
+  // (other calls on it wait) while the descriptors are made.
+  absl::Status ExportSlot(int slot, std::int64_t tokens, SlotExport* out,
+                          std::vector<int>* fds);
+  // Imports another process's ExportSlot into a free slot of this cache,
+  // which must have the same shape (layers, heads, head_dim, dtype, layout)
+  // on a backend of the same kind and granularity: the slot maps the
+  // peer's memory at the same offsets (no copy), its length is e.tokens,
+  // and it grows past them with extents of its own. `fds` (e.num_fds() of
+  // them) stay the caller's to close; the backend keeps its own references.
+  // Imported memory counts in CacheStats::imported_bytes, not in
+  // physical_bytes nor the budget; Free unmaps and destroys (releases) it
+  // at once, never pooling it. The slot is chosen like AllocSlot's, the
+  // emptiest first (an idle slot's memory there is unmapped first).
+  // InvalidArgument: another shape (the message names both), e.tokens
+  // outside [0, max_tokens] or not backed by the extents, extents not
+  // contiguous from 0 or not multiples of the granularity, a descriptor
+  // count other than e.num_fds(), or a descriptor that is closed or not an
+  // export of this kind of backend (named). ResourceExhausted: every slot
+  // is active. Any error leaves the cache, the backend's counters and the
+  // process's descriptors as they were. Thread-safe.
+  absl::StatusOr<int> ImportSlot(const SlotExport& e,
+                                 absl::Span<const int> fds);
 
   const KVCacheOptions& options() const;
   const std::shared_ptr<Backend>& backend() const;

@@ -46,6 +46,17 @@ struct CacheStats {
   std::int64_t copy_calls = 0;         // Backend CopyDeviceToDevice calls.
   std::int64_t set_access_calls = 0;   // Backend SetAccess calls.
 
+  // ---- Zero-copy handoff (KVCache::ExportSlot / ImportSlot) --------------
+  // Bytes mapped in this cache's slots that it exported to another process:
+  // still its physical bytes (and in its budget) until the slot lets go,
+  // then destroyed, never pooled.
+  std::int64_t exported_bytes = 0;
+  // Bytes mapped in this cache's slots that another process exported: not
+  // in physical_bytes nor the budget (in mapped_bytes, as every mapping).
+  std::int64_t imported_bytes = 0;
+  std::int64_t exported_slots = 0;  // ExportSlot successes.
+  std::int64_t imported_slots = 0;  // ImportSlot successes.
+
   // ---- Slots ---------------------------------------------------------------
   std::int64_t active_slots = 0;
   std::int64_t idle_slots_with_memory = 0;  // Freed, extents still mapped.

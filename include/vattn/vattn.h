@@ -19,6 +19,8 @@
 //   vattn/kv_cache.h KVCache, TensorView, StepRequest
 //   vattn/memory_arbiter.h  MemoryArbiter: one budget shared by caches
 //   vattn/arbiter_telemetry.h  TelemetryJson: the arbiter and its caches as JSON
+//   vattn/slot_export.h  SendSlot / ReceiveSlot: zero-copy slot handoff
+//                        between processes
 //   vattn/c_api.h    the C API over all of the above (C callers include it
 //                    alone)
 #ifndef VATTN_VATTN_H_
@@ -34,6 +36,7 @@
 #include "vattn/latency_model.h"
 #include "vattn/memory_arbiter.h"
 #include "vattn/options.h"
+#include "vattn/slot_export.h"
 #include "vattn/stats.h"
 #include "vattn/status.h"
 #include "vattn/stream.h"

@@ -79,6 +79,7 @@ nb::dict CountersToDict(const BackendCounters& c) {
   d["reserved_bytes"] = c.reserved_bytes;
   d["handles"] = c.handles;
   d["physical_bytes"] = c.physical_bytes;
+  d["imported_bytes"] = c.imported_bytes;
   d["mappings"] = c.mappings;
   d["mapped_bytes"] = c.mapped_bytes;
   d["fences"] = c.fences;
@@ -130,6 +131,10 @@ void BindBackends(nb::module_& m) {
                    "Addresses may be read on the CPU (views are DLPack CPU tensors).")
       .def_prop_ro("has_streams",
                    [](const PyBackend& b) { return b.backend->capabilities().has_streams; })
+      .def_prop_ro("exportable",
+                   [](const PyBackend& b) { return b.backend->capabilities().exportable; },
+                   "Handles can be handed to another process (made with "
+                   "exportable_handles=True; see vattn.send_slot).")
       .def("counters", [](const PyBackend& b) { return CountersToDict(b.backend->counters()); },
            "Live objects and call counts as a dict (BackendCounters' fields; "
            "'calls' maps each op to its successful calls).")
@@ -189,18 +194,22 @@ void BindBackends(nb::module_& m) {
       .def(
           "__init__",
           [](PyHostBackend* self, std::size_t granularity, std::size_t physical_limit_bytes,
-             std::optional<std::size_t> max_reservation_bytes) {
+             std::optional<std::size_t> max_reservation_bytes, bool exportable_handles) {
             HostBackendOptions o;
             if (granularity != 0) o.granularity = granularity;
             o.physical_limit_bytes = physical_limit_bytes;
             if (max_reservation_bytes) o.max_reservation_bytes = *max_reservation_bytes;
+            o.exportable_handles = exportable_handles;
             std::shared_ptr<Backend> b = ValueOrRaise(MakeHostBackend(o));
             new (self) PyHostBackend{{std::move(b)}};
           },
           nb::kw_only(), nb::arg("granularity") = 0, nb::arg("physical_limit_bytes") = 0,
-          nb::arg("max_reservation_bytes") = nb::none(),
+          nb::arg("max_reservation_bytes") = nb::none(), nb::arg("exportable_handles") = false,
           "granularity: bytes, 0 = 2 MiB; physical_limit_bytes: cap on live "
-          "handles, 0 = the machine's memory. InvalidArgumentError on bad sizes.");
+          "handles, 0 = the machine's memory; exportable_handles: one memfd "
+          "per handle, so vattn.send_slot can hand a slot's memory to another "
+          "process (one file descriptor per live handle). InvalidArgumentError "
+          "on bad sizes.");
 
   nb::class_<PyCudaBackend, PyBackend>(
       m, "CudaBackend",
@@ -209,17 +218,22 @@ void BindBackends(nb::module_& m) {
       "device. Views are DLPack CUDA tensors of that device.")
       .def(
           "__init__",
-          [](PyCudaBackend* self, int device) {
+          [](PyCudaBackend* self, int device, bool exportable_handles) {
             std::shared_ptr<Backend> b;
             absl::StatusOr<std::shared_ptr<Backend>> made;
             {
               nb::gil_scoped_release release;
-              made = MakeCudaBackend(device);
+              CudaBackendOptions o;
+              o.exportable_handles = exportable_handles;
+              made = MakeCudaBackend(device, o);
             }
             b = ValueOrRaise(std::move(made));
             new (self) PyCudaBackend{{std::move(b)}};
           },
-          nb::arg("device") = 0);
+          nb::arg("device") = 0, nb::kw_only(), nb::arg("exportable_handles") = false,
+          "exportable_handles: handles are created exportable as POSIX file "
+          "descriptors (and GPUDirect RDMA capable where the device supports "
+          "it), so vattn.send_slot can hand a slot to another process.");
 
   nb::class_<PyLatencyModelBackend, PyBackend>(
       m, "LatencyModelBackend",

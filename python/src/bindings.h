@@ -83,6 +83,8 @@ std::optional<Stream> StreamFromPython(nanobind::handle stream);
 
 void BindBackends(nanobind::module_& m);
 void BindCache(nanobind::module_& m);
+// vattn.send_slot / vattn.receive_slot (export_bindings.cc); after BindCache.
+void BindExport(nanobind::module_& m);
 // Prefix sharing's methods on vattn.Cache (prefix_bindings.cc), and
 // vattn.PrefixInfo; called by BindCache.
 void BindPrefix(nanobind::module_& m, nanobind::class_<PyCache>& cache_class);

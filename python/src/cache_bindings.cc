@@ -267,6 +267,8 @@ void BindCache(nb::module_& m) {
   VATTN_STAT(step_map_nanos) VATTN_STAT(background_extents) VATTN_STAT(background_creates)
   VATTN_STAT(background_wakeups) VATTN_STAT(background_deadline_wakeups)
   VATTN_STAT(background_caller_wakeups)
+  VATTN_STAT(exported_bytes) VATTN_STAT(imported_bytes) VATTN_STAT(exported_slots)
+  VATTN_STAT(imported_slots)
   VATTN_STAT(shared_bytes) VATTN_STAT(shared_saved_bytes) VATTN_STAT(cached_prefixes)
   VATTN_STAT(cached_prefix_bytes) VATTN_STAT(prefix_hits) VATTN_STAT(forks)
   VATTN_STAT(prefix_evictions) VATTN_STAT(cow_copied_bytes) VATTN_STAT(copy_calls)

@@ -15,4 +15,5 @@ NB_MODULE(_vattn, m) {
   vattn::python::BindStepBatch(m);
   vattn::python::BindCache(m);
   vattn::python::BindArbiter(m);  // Adds to Cache: after BindCache.
+  vattn::python::BindExport(m);
 }

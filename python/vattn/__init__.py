@@ -47,6 +47,8 @@ from vattn._vattn import (  # noqa: F401
     UnimplementedError,
     UnknownError,
     cuda_device_count,
+    receive_slot,
+    send_slot,
 )
 
 __version__ = "0.1.0"
