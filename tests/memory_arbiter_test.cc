@@ -376,6 +376,28 @@ TEST(MemoryArbiterTest, PooledHandlesGoBeforeOlderIdleSlots) {
   EXPECT_EQ(rig.tracking->violations(), 0) << rig.tracking->first_violation();
 }
 
+TEST(MemoryArbiterTest, CachedPrefixesOfOneCacheServeAnother) {
+  Rig rig = MakeRig(4 * kGranule);
+  auto a = MakeCache(Options(rig.arbiter, "a"), rig.backend);
+  auto b = MakeCache(Options(rig.arbiter, "b"), rig.backend);
+  // a keeps a two-granule prefix (no tail: it ends on an extent's end),
+  // and its request ends: the prefix holds the memory, no request uses it.
+  VATTN_ASSERT_OK_AND_ASSIGN(int a1, Hold(*a, 2));
+  VATTN_ASSERT_OK(a->KeepPrefix(a1, 2 * kTokensPerGranule, /*prefix_id=*/7));
+  VATTN_ASSERT_OK(a->Free(a1, kNoFence));
+  VATTN_ASSERT_OK_AND_ASSIGN(int b1, Hold(*b, 2));
+  (void)b1;
+  ASSERT_EQ(rig.arbiter->Stats().physical_bytes, 4 * kGranule);
+  // b needs more: the prefix goes, through a's own reclamation.
+  VATTN_ASSERT_OK_AND_ASSIGN(int b2, Hold(*b, 2));
+  (void)b2;
+  EXPECT_EQ(Physical(*a), 0);
+  EXPECT_EQ(a->GetPrefix(7).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(a->Stats().prefix_evictions, 1);
+  EXPECT_EQ(Of(rig.arbiter->Stats(), "a").reclaimed_from_bytes, 2 * kGranule);
+  EXPECT_EQ(rig.tracking->violations(), 0) << rig.tracking->first_violation();
+}
+
 // ---- Floors and caps ------------------------------------------------------------
 
 TEST(MemoryArbiterTest, FloorsAreNeverReclaimedAndAlwaysObtainable) {
