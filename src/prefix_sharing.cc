@@ -166,6 +166,45 @@ absl::StatusOr<PrefixInfo> KVCache::GetPrefix(std::uint64_t prefix_id) const {
 // ---------------------------------------------------------------------------
 // Helpers.
 
+namespace {
+
+// Unmaps the slot's last surplus extent (mapped past what its request
+// backs: memory an earlier request left) so that a call that holds the slot
+// busy, and so keeps reclamation off it, can still use that memory. True
+// when one was given back to the pool. The caller holds the lock and has
+// marked the slot busy. (A template only because KVCache::Impl cannot be
+// named here.)
+template <typename CacheImpl>
+bool ReclaimOwnSurplusLocked(CacheImpl& m, int slot)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  Slot& s = m.At(slot);
+  if (!s.has_surplus()) return false;
+  absl::StatusOr<std::int64_t> bytes =
+      m.mapper->UnmapLastLocked(m.mu, slot, s);
+  if (!bytes.ok()) return false;
+  m.stats.reclaimed_bytes += *bytes * m.geo.num_regions();
+  ++m.stats.reclaimed_extents;
+  return true;
+}
+
+// Gives the slot's extent write access back in every region after a failed
+// share, trying twice: a call that failed for want of memory (no fault) or
+// one fault must leave the owner writable; the second try is the one the
+// first failure did not get. SetAccess of a region already writable changes
+// nothing, so the retry repeats no harm. Lock not held.
+template <typename Mapper>
+absl::Status GiveWriteBack(Mapper& mapper, int slot, const Extent& extent,
+                           int regions) {
+  absl::Status back =
+      mapper.SetAccessRegions(slot, extent, regions, MapAccess::kReadWrite);
+  if (!back.ok()) {
+    back = mapper.SetAccessRegions(slot, extent, regions, MapAccess::kReadWrite);
+  }
+  return back;
+}
+
+}  // namespace
+
 absl::Status KVCache::Impl::EnsureHomesLocked() {
   if (home_base != 0) return absl::OkStatus();
   if (opts.max_prefixes == 0) {
@@ -281,11 +320,20 @@ absl::Status KVCache::Impl::ComposeLocked(
   fresh.offset = whole_end;
   bool fresh_mapped = false;
   std::vector<PhysicalHandle> fresh_handles;
-  if (status.ok() && minimum > 0) {
+  if (status.ok() && std::max(minimum, preferred) > 0) {
     std::int64_t bytes = 0;
+    // Nothing needed past the shared extents but a hint to back: back it
+    // as AllocSlot does, unless the budget is short (then the slot grows
+    // later, like any other).
+    const bool hint_only = minimum == 0;
     absl::StatusOr<std::vector<PhysicalHandle>> acquired =
-        AcquireHandles(minimum, std::max(minimum, preferred), &bytes);
-    if (!acquired.ok()) {
+        hint_only ? AcquireHandles(preferred, preferred, &bytes)
+                  : AcquireHandles(minimum, std::max(minimum, preferred),
+                                   &bytes);
+    if (hint_only && !acquired.ok() &&
+        acquired.status().code() == absl::StatusCode::kResourceExhausted) {
+      // Not backed ahead: nothing mapped, nothing to undo.
+    } else if (!acquired.ok()) {
       status = absl::Status(
           acquired.status().code(),
           absl::StrFormat("slot %d: cannot back the %d bytes per tensor after "
@@ -576,10 +624,21 @@ absl::Status KVCache::Impl::KeepPrefixLocked(int slot, std::int64_t tokens,
     const std::int64_t size = geo.RoundUpToGranule(tail_data);
     Extent tail;
     tail.offset = whole_end;
-    mu.Unlock();
     std::int64_t bytes = 0;
-    absl::StatusOr<std::vector<PhysicalHandle>> handles =
-        AcquireHandles(size, size, &bytes);
+    absl::StatusOr<std::vector<PhysicalHandle>> handles;
+    for (;;) {
+      mu.Unlock();
+      handles = AcquireHandles(size, size, &bytes);
+      mu.Lock();
+      // The slot is busy, so reclamation skipped it: its own surplus may
+      // be what the budget lacks.
+      if (handles.ok() ||
+          handles.status().code() != absl::StatusCode::kResourceExhausted ||
+          !ReclaimOwnSurplusLocked(*this, slot)) {
+        break;
+      }
+    }
+    mu.Unlock();
     bool mapped = false;
     FenceId home_fence = kCompletedFence;
     FenceId slot_fence = kCompletedFence;
@@ -647,8 +706,8 @@ absl::Status KVCache::Impl::KeepPrefixLocked(int slot, std::int64_t tokens,
     for (auto it = converted.rbegin(); it != converted.rend(); ++it) {
       const Extent copy = s.extents()[*it];
       mu.Unlock();
-      const absl::Status back = mapper->SetAccessRegions(
-          slot, copy, geo.num_regions(), MapAccess::kReadWrite);
+      const absl::Status back =
+          GiveWriteBack(*mapper, slot, copy, geo.num_regions());
       mu.Lock();
       UnshareLocked(s.MutableExtent(*it), back.ok());
     }
@@ -797,11 +856,23 @@ absl::StatusOr<int> KVCache::Impl::ForkLocked(int source, Stream stream,
   if (status.ok()) {
     // The source is busy meanwhile: its mappings (one reference each of
     // the whole extents) stay.
-    status = ComposeLocked(
-        slot, whole, whole_end,
-        std::max<std::int64_t>(0, geo.BytesFor(length) - whole_end),
-        std::max<std::int64_t>(0, backed - whole_end), source, copy_bytes,
-        nullptr, stream);
+    const std::int64_t minimum =
+        std::max<std::int64_t>(0, geo.BytesFor(length) - whole_end);
+    // No extent past the shared ones when none is needed: the child's
+    // hint is then left to Grow and the map-ahead thread (unlike
+    // AllocSlotWithPrefix's, which backs it).
+    const std::int64_t preferred =
+        minimum > 0 ? std::max<std::int64_t>(0, backed - whole_end) : 0;
+    for (;;) {
+      status = ComposeLocked(slot, whole, whole_end, minimum, preferred,
+                             source, copy_bytes, nullptr, stream);
+      // The source is busy, so reclamation skipped it: its own surplus may
+      // be what the budget lacks (a failed compose mapped nothing it kept).
+      if (status.code() != absl::StatusCode::kResourceExhausted ||
+          !ReclaimOwnSurplusLocked(*this, source)) {
+        break;
+      }
+    }
   }
   if (!status.ok()) {
     // Undo the shares this call made in the source.
@@ -809,8 +880,8 @@ absl::StatusOr<int> KVCache::Impl::ForkLocked(int source, Stream stream,
       const Extent copy = src.extents()[*it];
       if (copy.shared == nullptr || copy.shared->refs() != 1) continue;
       mu.Unlock();
-      const absl::Status back = mapper->SetAccessRegions(
-          source, copy, geo.num_regions(), MapAccess::kReadWrite);
+      const absl::Status back =
+          GiveWriteBack(*mapper, source, copy, geo.num_regions());
       mu.Lock();
       UnshareLocked(src.MutableExtent(*it), back.ok());
     }

@@ -93,10 +93,10 @@ constexpr bool kBooksMatchAfterFaults = (VATTN_FUZZ_ISSUE9_MASK >> 5) & 1;
 constexpr bool kDestructorReturnsEverything = (VATTN_FUZZ_ISSUE9_MASK >> 6) & 1;
 
 // Prefix mode: AllocSlotWithPrefix backs max(tokens, expected_tokens)
-// (kv_cache.h). Off until fixed: when the prefix's whole extents cover
-// `tokens` (no tail to copy), no fresh extent is mapped and expected_tokens
-// is ignored (found by this fuzzer, seed prefix-alloc-expected-no-tail).
-constexpr bool kAllocWithPrefixBacksExpected = false;
+// (kv_cache.h), also when the prefix's whole extents cover `tokens` (no
+// tail to copy); before the fix expected_tokens was then ignored (found by
+// this fuzzer, seed prefix-alloc-expected-no-tail).
+constexpr bool kAllocWithPrefixBacksExpected = true;
 // Prefix mode: two faults in a row (a failed call and its failed rollback)
 // leave the books exact. Off until fixed: the tail at a prefix's home is
 // then left mapped or half-unmapped without being quarantined (KeepPrefix,
@@ -108,11 +108,11 @@ constexpr bool kAllocWithPrefixBacksExpected = false;
 constexpr bool kPrefixDoubleFaultsClean = false;
 // Prefix mode: KeepPrefix and Fork reclaim the slot's own surplus (memory an
 // earlier request left, mapped past what the request backs) when the budget
-// is short. Off until fixed: the slot is marked busy for the call, so
-// reclamation skips it and the call may fail with ResourceExhausted though
-// that surplus would have been enough (found by this fuzzer, seed
+// is short. Before the fix the slot, marked busy for the call, was skipped
+// by reclamation and the call could fail with ResourceExhausted though that
+// surplus would have been enough (found by this fuzzer, seed
 // prefix-fork-source-surplus).
-constexpr bool kPrefixReclaimsOwnSurplus = false;
+constexpr bool kPrefixReclaimsOwnSurplus = true;
 
 constexpr int kMaxOps = 96;
 constexpr std::int64_t kMiB = std::int64_t{1} << 20;
