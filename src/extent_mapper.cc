@@ -184,8 +184,11 @@ absl::StatusOr<std::shared_ptr<SharedExtent>> ExtentMapper::ShareLocked(
     }
     bool undone = true;
     if (!status.ok()) {
-      // Give back write access where this call took it.
-      undone = SetAccessRegions(slot, copy, done, MapAccess::kReadWrite).ok();
+      // Give back write access where this call took it; tried twice, so
+      // that one more fault still leaves the owner writable (a region
+      // already writable is unchanged by the second try).
+      undone = SetAccessRegions(slot, copy, done, MapAccess::kReadWrite).ok() ||
+               SetAccessRegions(slot, copy, done, MapAccess::kReadWrite).ok();
     }
     mu.Lock();
     Extent& now = s.MutableExtent(index);

@@ -258,7 +258,13 @@ class VATTN_EXPORT KVCache {
   // ResourceExhausted: the tail's memory does not fit the budget even after
   // reclaiming, or max_prefixes prefixes are cached and none can be
   // evicted. Any failure leaves the cache as it was (a SetAccess done
-  // before the failure is undone).
+  // before the failure is undone, retried once if the undo fails). Only
+  // when that undo fails twice (two faults after the failure) does an
+  // extent of the slot below `tokens` stay read-only: the slot's books mark
+  // it so (never handed to another request writable: its memory is
+  // unmapped first), a later KeepPrefix or Fork over it sets every region
+  // again, and the request must not write those tokens (a write faults; it
+  // corrupts nothing). Fork's undo behaves the same.
   absl::Status KeepPrefix(int slot, std::int64_t tokens,
                           std::uint64_t prefix_id);
   absl::Status KeepPrefix(int slot, std::int64_t tokens,
