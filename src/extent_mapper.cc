@@ -362,6 +362,25 @@ absl::Status ExtentMapper::UnmapAllLocked(internal::Mutex& mu, int slot,
   return first;
 }
 
+absl::Status ExtentMapper::UnmapQuarantined(int slot, QuarantinedExtent& q) {
+  absl::Status first;
+  for (int r = 0; r < geo_->num_regions(); ++r) {
+    if (q.mapped[static_cast<std::size_t>(r)] == 0) continue;
+    absl::Status status =
+        backend_->Unmap(Address(slot, r, q.extent.offset),
+                        static_cast<std::size_t>(q.extent.bytes));
+    if (status.ok()) {
+      unmap_calls_.fetch_add(1, std::memory_order_relaxed);
+      q.mapped[static_cast<std::size_t>(r)] = 0;
+    } else if (status.code() == absl::StatusCode::kInvalidArgument) {
+      q.mapped[static_cast<std::size_t>(r)] = 0;  // Nothing mapped there.
+    } else {
+      first.Update(status);
+    }
+  }
+  return first;
+}
+
 absl::StatusOr<std::int64_t> ExtentMapper::RetryQuarantineLocked(
     internal::Mutex& mu, int slot, Slot& s) {
   if (s.quarantine().empty()) return 0;

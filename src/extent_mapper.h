@@ -151,6 +151,11 @@ class ExtentMapper {
                            std::vector<char>* left_mapped) {
     return UnmapRegions(slot, extent, left_mapped);
   }
+  // Unmaps the regions of `q` at `slot` (a slot or a prefix home) flagged
+  // as maybe mapped, clearing each flag whose region is now unmapped (or
+  // was never mapped: InvalidArgument). Returns the first other error.
+  // Lock not held.
+  absl::Status UnmapQuarantined(int slot, QuarantinedExtent& q);
 
   // Prefix homes: `count` pseudo-slots numbered from `first` (max_slots),
   // laid out like slots (region-major, one stride each) in a reservation

@@ -207,6 +207,10 @@ absl::StatusOr<std::vector<PhysicalHandle>> KVCache::Impl::AcquireHandles(
 
 std::int64_t KVCache::Impl::RetryQuarantinesLocked() {
   if (totals.quarantined == 0) return 0;
+  // Prefix tails first: nothing else can free their homes.
+  if (const std::int64_t freed = RetryTailQuarantineLocked(*this); freed > 0) {
+    return freed;
+  }
   for (int i = 0; i < opts.max_slots; ++i) {
     Slot& s = At(i);
     if (s.quarantine().empty() || s.busy()) continue;

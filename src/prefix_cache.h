@@ -18,6 +18,7 @@
 #ifndef VATTN_SRC_PREFIX_CACHE_H_
 #define VATTN_SRC_PREFIX_CACHE_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -126,6 +127,17 @@ class PrefixCache {
   // is Removed: Remove then finds no tail to subtract.
   void ForgetTail(std::int64_t bytes) { tail_bytes_ -= bytes; }
 
+  // Tails whose unmap (or a failed map's rollback) failed twice at their
+  // home: their state is unknown, so the home stays taken and the handles
+  // stay out of the pool until every region that may be mapped is unmapped
+  // (retried as slots' quarantines are; counted in the cache's quarantine
+  // totals). Guarded by the cache lock.
+  struct QuarantinedTail {
+    int home = -1;
+    QuarantinedExtent q;
+  };
+  std::vector<QuarantinedTail>& quarantine() { return quarantine_; }
+
  private:
   absl::flat_hash_map<std::uint64_t, std::unique_ptr<CachedPrefix>> by_id_;
   absl::btree_map<std::uint64_t, std::uint64_t> lru_;  // lru seq -> id.
@@ -134,7 +146,55 @@ class PrefixCache {
   std::vector<std::optional<std::uint64_t>> slot_user_;
   std::int64_t tail_bytes_ = 0;
   int max_prefixes_ = 0;
+  std::vector<QuarantinedTail> quarantine_;
 };
+
+// Moves a tail whose state at its home is unknown to the prefix cache's
+// quarantine (`left`: the regions that may be mapped; empty: all) and counts
+// it in the cache's quarantine totals. `CacheImpl` is KVCache::Impl (a
+// template only because that type is private); its lock is held.
+template <typename CacheImpl>
+void QuarantineTailLocked(CacheImpl& m, int home, Extent tail,
+                          std::vector<char> left) {
+  if (left.empty()) left.assign(static_cast<std::size_t>(m.geo.num_regions()), 1);
+  ++m.totals.quarantined;
+  m.totals.quarantined_bytes += tail.bytes;
+  PrefixCache::QuarantinedTail t;
+  t.home = home;
+  t.q.extent = std::move(tail);
+  t.q.mapped = std::move(left);
+  m.prefixes.quarantine().push_back(std::move(t));
+}
+
+// Unmaps again the regions of quarantined tails that may still be mapped; a
+// tail fully unmapped goes back to the pool and its home is free again.
+// Returns the bytes per region given back. Lock held (dropped meanwhile:
+// the entries are out of the list, so nobody else sees them).
+template <typename CacheImpl>
+std::int64_t RetryTailQuarantineLocked(CacheImpl& m) {
+  std::vector<PrefixCache::QuarantinedTail>& list = m.prefixes.quarantine();
+  if (list.empty()) return 0;
+  std::vector<PrefixCache::QuarantinedTail> entries;
+  entries.swap(list);
+  m.mu.Unlock();
+  for (PrefixCache::QuarantinedTail& t : entries) {
+    (void)m.mapper->UnmapQuarantined(m.HomeSlot(t.home), t.q);
+  }
+  m.mu.Lock();
+  std::int64_t freed = 0;
+  for (PrefixCache::QuarantinedTail& t : entries) {
+    if (std::find(t.q.mapped.begin(), t.q.mapped.end(), 1) != t.q.mapped.end()) {
+      m.prefixes.quarantine().push_back(std::move(t));
+      continue;
+    }
+    --m.totals.quarantined;
+    m.totals.quarantined_bytes -= t.q.extent.bytes;
+    freed += t.q.extent.bytes;
+    m.mapper->LetGoLocked(std::move(t.q.extent));
+    m.prefixes.GiveHome(t.home);
+  }
+  return freed;
+}
 
 }  // namespace vattn
 

@@ -500,17 +500,29 @@ absl::Status KVCache::Impl::UnmapTailLocked(CachedPrefix& p) {
   mu.Lock();
   --p.busy;
   state_cv.SignalAll();
+  if (!status.ok() && !left.empty()) {
+    // Half unmapped (the map back failed too): the prefix cannot copy from
+    // it any more and lets go of it; the tail waits in quarantine, with its
+    // home, until its unmap succeeds (RetryQuarantinesLocked). The caller
+    // forgets the prefix as after a clean unmap.
+    prefixes.ForgetTail(tail.bytes);
+    QuarantineTailLocked(*this, p.home, tail, std::move(left));
+    p.tail.handles.clear();
+    p.tail.bytes = 0;
+    p.home = -1;
+    return absl::OkStatus();
+  }
   if (!status.ok()) {
-    // Mapped whole again (or half: then the home stays taken for good and
-    // the backend's teardown takes it back): the prefix keeps it.
+    // Mapped whole again: the prefix keeps it (a later call retries).
     return absl::Status(
         status.code(),
         absl::StrFormat("prefix %d: unmapping its tail from its home: %s",
                         p.id, status.message()));
   }
   prefixes.ForgetTail(tail.bytes);
-  mapper->LetGoLocked(std::move(p.tail));
-  p.tail = Extent();
+  mapper->LetGoLocked(tail);
+  p.tail.handles.clear();
+  p.tail.bytes = 0;
   prefixes.GiveHome(p.home);
   p.home = -1;
   return absl::OkStatus();
@@ -640,6 +652,8 @@ absl::Status KVCache::Impl::KeepPrefixLocked(int slot, std::int64_t tokens,
     }
     mu.Unlock();
     bool mapped = false;
+    std::optional<QuarantinedExtent> lost_tail;
+    int lost_home = -1;
     FenceId home_fence = kCompletedFence;
     FenceId slot_fence = kCompletedFence;
     if (!handles.ok()) {
@@ -655,8 +669,12 @@ absl::Status KVCache::Impl::KeepPrefixLocked(int slot, std::int64_t tokens,
       status = mapper->MapExtent(home_slot, tail, &left);
       mapped = status.ok();
       if (!status.ok() && !left.empty()) {
-        // Two faults in a row: the home stays taken, the handles with it
-        // (the backend's teardown takes them back).
+        // Two faults in a row: the tail's state is unknown; quarantined
+        // with its home (both come back once its unmap succeeds).
+        lost_tail.emplace();
+        lost_tail->extent = tail;
+        lost_tail->mapped = std::move(left);
+        lost_home = *home;
         home.reset();
         handles->clear();
       }
@@ -682,7 +700,12 @@ absl::Status KVCache::Impl::KeepPrefixLocked(int slot, std::int64_t tokens,
       if (!status.ok() && mapped) {
         std::vector<char> unleft;
         if (!mapper->UnmapExtent(home_slot, tail, &unleft).ok()) {
-          home.reset();  // Left mapped: never reused.
+          // Left mapped (whole or in part): quarantined with its home.
+          lost_tail.emplace();
+          lost_tail->extent = tail;
+          lost_tail->mapped = std::move(unleft);
+          lost_home = *home;
+          home.reset();
           handles->clear();
         }
       }
@@ -691,6 +714,10 @@ absl::Status KVCache::Impl::KeepPrefixLocked(int slot, std::int64_t tokens,
       }
     }
     mu.Lock();
+    if (lost_tail.has_value()) {
+      QuarantineTailLocked(*this, lost_home, std::move(lost_tail->extent),
+                           std::move(lost_tail->mapped));
+    }
     if (status.ok()) {
       prefix->home = *home;
       prefix->tail = std::move(tail);
@@ -940,6 +967,7 @@ absl::Status KVCache::Impl::ShutdownPrefixesLocked() {
     std::unique_ptr<CachedPrefix> gone = prefixes.Remove(id);
     ReleasePrefixLocked(*gone);
   }
+  RetryTailQuarantineLocked(*this);
   if (home_base != 0) {
     const DevicePtr va = home_base;
     const std::size_t bytes = home_bytes;

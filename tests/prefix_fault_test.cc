@@ -65,7 +65,7 @@ const char* StepName(int k) {
 }
 
 struct Scenario {
-  bool stuck = false;  // A known defect stops the scenario (see kShare).
+  bool stuck = false;  // Stops the scenario (no known defect sets it now).
   int owner = -1;
   int other = -1;
   int sharer = -1;
@@ -135,43 +135,16 @@ void SettleAndRetry(Harness& h, Scenario& sc, int k, const absl::Status& s,
         m.frozen =
             std::max<std::int64_t>(m.frozen, 2 * h.TokensPerGranule() + 30);
       }
-      if (k == kKeep && injected >= 2) {
-        // KNOWN (reported): when the tail's map fails and so does its
-        // rollback, KeepPrefix leaves the tail's handles (and its home's
-        // mapping) behind, unaccounted (not quarantined) until the cache is
-        // destroyed: one tail extent (a granule per tensor here).
-        const std::int64_t lost = h.UnplacedBytes();
-        if (lost > 0) {
-          std::printf("KNOWN: KeepPrefix after %d faults left %d bytes "
-                      "unaccounted: %s\n",
-                      static_cast<int>(injected), static_cast<int>(lost),
-                      std::string(s.message()).c_str());
-        }
-        h.TolerateLostBytes(static_cast<std::int64_t>(kGranularity) *
-                            h.Regions());
-      }
+      // A tail whose map and rollback both failed is quarantined with its
+      // home (counted in quarantined_bytes, freed by a later retry): the
+      // books stay exact, nothing is tolerated.
       // Any failure leaves the cache as it was: the prefix is unknown, no
       // slot was taken (Verify checks the slots against the model).
       if (k == kKeep) {
         VATTN_EXPECT_CODE(h.cache().GetPrefix(kId), StatusCode::kNotFound);
       }
       ASSERT_NO_FATAL_FAILURE(h.Verify("after the failure", true));
-      if (const absl::Status again = RunStep(h, sc, k);
-          !again.ok() && injected >= 2 &&
-          std::string(again.message()).find("unmapping its tail from its home") !=
-              std::string::npos) {
-        // KNOWN (reported): evicting a prefix for memory met a failed
-        // unmap of its tail and a failed map back: the prefix is stuck (see
-        // kDrop below) and every reclamation that picks it fails.
-        std::printf("KNOWN: %s after %d faults cannot be retried: %s\n",
-                    StepName(k), static_cast<int>(injected),
-                    std::string(again.message()).c_str());
-        h.TolerateLostBytes(std::int64_t{1} << 40);
-        sc.stuck = true;
-        return;
-      } else {
-        VATTN_ASSERT_OK(again);
-      }
+      VATTN_ASSERT_OK(RunStep(h, sc, k));
       return;
     case kDrop: {
       // Dropped or not; either way the id must behave consistently.
@@ -185,19 +158,9 @@ void SettleAndRetry(Harness& h, Scenario& sc, int k, const absl::Status& s,
         return;
       }
       ASSERT_NO_FATAL_FAILURE(h.Verify("after the failure", true));
+      // A tail half unmapped is quarantined and the prefix dropped (above);
+      // one mapped back whole is retried here and must go.
       const absl::Status again = RunStep(h, sc, k);
-      if (!again.ok() && injected >= 2) {
-        // KNOWN (reported): when unmapping the tail from its home fails and
-        // so does mapping it back, DropPrefix keeps the prefix with a tail
-        // it believes mapped whole; every later DropPrefix fails (Unmap of
-        // a region no longer mapped) and the prefix and its memory stay
-        // until the cache is destroyed.
-        std::printf("KNOWN: DropPrefix after %d faults cannot be retried: %s\n",
-                    static_cast<int>(injected),
-                    std::string(again.message()).c_str());
-        h.TolerateLostBytes(std::int64_t{1} << 40);
-        return;
-      }
       VATTN_ASSERT_OK(again);
       return;
     }
