@@ -24,6 +24,7 @@
 #include <optional>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/container/btree_map.h"
 #include "absl/container/flat_hash_map.h"
 #include "src/shared_extent.h"
@@ -155,7 +156,8 @@ class PrefixCache {
 // template only because that type is private); its lock is held.
 template <typename CacheImpl>
 void QuarantineTailLocked(CacheImpl& m, int home, Extent tail,
-                          std::vector<char> left) {
+                          std::vector<char> left)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {  // The caller holds m.mu.
   if (left.empty()) left.assign(static_cast<std::size_t>(m.geo.num_regions()), 1);
   ++m.totals.quarantined;
   m.totals.quarantined_bytes += tail.bytes;
@@ -171,7 +173,8 @@ void QuarantineTailLocked(CacheImpl& m, int home, Extent tail,
 // Returns the bytes per region given back. Lock held (dropped meanwhile:
 // the entries are out of the list, so nobody else sees them).
 template <typename CacheImpl>
-std::int64_t RetryTailQuarantineLocked(CacheImpl& m) {
+std::int64_t RetryTailQuarantineLocked(CacheImpl& m)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {  // The caller holds m.mu.
   std::vector<PrefixCache::QuarantinedTail>& list = m.prefixes.quarantine();
   if (list.empty()) return 0;
   std::vector<PrefixCache::QuarantinedTail> entries;
