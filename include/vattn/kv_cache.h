@@ -346,6 +346,7 @@ class VATTN_EXPORT KVCache {
   // destroyed; a handle that failed stays pooled, an extent stays mapped
   // or quarantined). Thread-safe, as SetBudget.
   absl::StatusOr<std::size_t> Trim(std::size_t target_bytes);
+
   // InvalidArgument: bad slot.
   absl::StatusOr<SlotInfo> GetSlot(int slot) const;
   // The virtual ranges that hold tokens [0, tokens) of an active slot, for a
